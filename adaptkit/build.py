@@ -1,0 +1,120 @@
+"""spec -> backbone -> data -> task model -> methods applied in order."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from adaptkit.checkpoint import fingerprint
+from adaptkit.compat import check_spec
+from adaptkit.data import DataBundle, DataInfo
+from adaptkit.errors import CompatibilityError, PluginError
+from adaptkit.method import AppliedMethod
+from adaptkit.records import PresetRecord
+from adaptkit.registry import Registry
+from adaptkit.spec import RunSpec, load_spec
+from adaptkit.task import TaskModel
+
+
+@dataclass
+class BuildContext:
+    """What factories may consult while building: the spec, registry and seed.
+
+    ``backbone`` is set once the backbone exists, so data sources can match its input.
+    """
+
+    spec: RunSpec
+    registry: Registry
+    backbone: Any = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def seed(self) -> int:
+        return self.spec.seed
+
+    def preset(self, name: str, backbone: str) -> PresetRecord | None:
+        """The preset ``name`` if it belongs to ``backbone``; an error if it belongs to another."""
+        preset = self.registry.preset(name)
+        if preset is not None and preset.backbone != backbone:
+            raise PluginError(f"preset '{name}' configures backbone '{preset.backbone}', not '{backbone}'")
+        return preset
+
+
+@dataclass
+class BuildInfo:
+    """Attached to a built model as ``model.adaptkit``."""
+
+    spec: RunSpec
+    base_fingerprint: str
+    methods: list[AppliedMethod]
+    data_info: DataInfo
+    data: DataBundle | None = None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % (2**32))
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def build(spec: RunSpec | dict[str, Any] | str, registry: Registry | None = None, keep_data: bool = False) -> TaskModel:
+    """Build the model a spec describes, with its methods applied.
+
+    Returns the task model (an ``nn.Module``); ``model.adaptkit`` holds the spec,
+    the base-weights fingerprint, the applied methods and the data description.
+    Only parameters the methods own (and new task modules) require gradients.
+    """
+    from adaptkit.registry import registry as default_registry
+
+    reg = registry or default_registry()
+    spec = load_spec(spec, registry=reg) if not isinstance(spec, RunSpec) else spec
+    problems = check_spec(spec, reg)
+    if problems:
+        raise CompatibilityError("; ".join(problems))
+
+    seed_everything(spec.seed)
+    ctx = BuildContext(spec=spec, registry=reg)
+    backbone_record = reg.get("backbone", spec.backbone.name)
+    backbone = backbone_record.factory(spec.backbone, ctx)
+    backbone.registered_name = backbone_record.name
+    ctx.backbone = backbone
+    base_fp = fingerprint(backbone.base_state_dict())
+
+    data = reg.get("data", spec.data.name).factory(spec.data, ctx)
+    model: TaskModel = reg.get("task", spec.task.name).factory(spec.task, backbone, data.info, ctx)
+    backbone.requires_grad_(False)
+
+    applied: list[AppliedMethod] = []
+    surface = model.surface
+    for params in spec.methods:
+        record = reg.get("method", params.name)
+        applied.append(record.factory(params, surface, ctx))
+    model.adaptkit = BuildInfo(spec, base_fp, applied, data.info, data if keep_data else None)
+    return model
+
+
+def recommended(spec: RunSpec, registry: Registry, key: str, fallback: float) -> float:
+    """The training setting ``key`` for a spec: the spec's own, else the first method's advice."""
+    value = getattr(spec.train, key)
+    if value is not None:
+        return float(value)
+    for params in spec.methods:
+        advice = registry.get("method", params.name).recommended
+        if key in advice:
+            return float(advice[key])
+    return fallback
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

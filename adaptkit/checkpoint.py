@@ -1,0 +1,209 @@
+"""safetensors checkpoints: adapter-only state, metadata, fingerprints, atomic writes.
+
+An adapter file holds only what the methods (and the task's new modules) trained,
+plus metadata: the spec, the adaptkit version, a fingerprint of the base weights (so
+loading onto another base is a clear error) and a hash of the tensors (so a damaged
+file is refused). No pickle anywhere: weights load through safetensors or
+``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from adaptkit.errors import CheckpointError
+
+FORMAT = "adaptkit.adapter/1"
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Exactly the tensors the methods train, by qualified name.
+
+    Example::
+
+        model = adaptkit.build(spec)
+        state = adaptkit.trainable_state(model)   # {'backbone.net.blocks.0.attn.qkv.lora.a': ...}
+    """
+    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def fingerprint(state: dict[str, torch.Tensor]) -> str:
+    """A SHA-256 over names, dtypes, shapes and values of ``state`` (first 16 hex digits)."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(_tensor_bytes(tensor))
+    return digest.hexdigest()[:16]
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> bytes:
+    flat = tensor.reshape(-1)
+    if flat.dtype == torch.bfloat16:
+        flat = flat.view(torch.int16)
+    return flat.numpy().tobytes()
+
+
+def _content_hash(tensors: dict[str, torch.Tensor]) -> str:
+    return fingerprint(tensors)
+
+
+def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any] | None = None) -> Path:
+    """Write ``tensors`` to a safetensors file atomically (temp file + fsync + rename).
+
+    Metadata values that are not strings are stored as JSON. A content hash is added
+    so that :func:`load_tensors` can refuse a damaged file.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    clean = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
+    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
+    meta["adaptkit.tensors_sha256"] = _content_hash(clean)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(clean, tmp, metadata=meta)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata of a safetensors file, or a :class:`CheckpointError`."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    _require_file(path)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except Exception as exc:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({_short(exc)})") from None
+
+
+def load_tensors(path: str | Path, verify: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Load a safetensors file and its metadata; verify the content hash when present."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    metadata = read_metadata(path)
+    try:
+        tensors = load_file(str(path))
+    except Exception as exc:
+        raise CheckpointError(f"{path}: damaged or truncated safetensors file ({_short(exc)})") from None
+    expected = metadata.get("adaptkit.tensors_sha256")
+    if verify and expected and _content_hash(tensors) != expected:
+        raise CheckpointError(f"{path}: the tensors do not match the file's recorded hash; the file is damaged or was modified")
+    return tensors, metadata
+
+
+def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """Load a weights file: safetensors, or a torch state dict via ``weights_only=True``.
+
+    A directory is searched for ``model.safetensors`` / ``*.safetensors`` /
+    ``pytorch_model.bin``. Pickled objects other than tensors are refused.
+    """
+    path = Path(path)
+    if path.is_dir():
+        candidates = [path / "model.safetensors", *sorted(path.glob("*.safetensors")), path / "pytorch_model.bin"]
+        found = next((c for c in candidates if c.is_file()), None)
+        if found is None:
+            raise CheckpointError(f"{path}: directory holds no model.safetensors, *.safetensors or pytorch_model.bin")
+        path = found
+    _require_file(path)
+    if path.suffix == ".safetensors" or _looks_like_safetensors(path):
+        return load_tensors(path)[0]
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"{path}: cannot load as safetensors or as a weights-only torch file ({_short(exc)})") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: expected a mapping of parameter names to tensors")
+    return state
+
+
+def _looks_like_safetensors(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        head = handle.read(9)
+    return len(head) == 9 and head[8:9] == b"{"
+
+
+def _require_file(path: Path) -> None:
+    if not path.exists():
+        raise CheckpointError(f"{path}: file not found")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not a file")
+
+
+def _short(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__
+
+
+# ----------------------------------------------------------------- adapters
+def save_adapter(model: nn.Module, path: str | Path, extra_metadata: dict[str, Any] | None = None) -> Path:
+    """Save the trainable state of a built model with its spec and base fingerprint."""
+    info = getattr(model, "adaptkit", None)
+    metadata: dict[str, Any] = {"format": FORMAT}
+    if info is not None:
+        from adaptkit import __version__
+
+        metadata.update(
+            {
+                "adaptkit_version": __version__,
+                "spec": json.dumps(info.spec.to_dict()),
+                "base_fingerprint": info.base_fingerprint,
+                "methods": json.dumps([m.name for m in info.methods]),
+            }
+        )
+    metadata.update(extra_metadata or {})
+    return save_tensors(path, trainable_state(model), metadata)
+
+
+def load_adapter(model: nn.Module, path: str | Path, check_base: bool = True) -> dict[str, str]:
+    """Load an adapter file into a model built from the same spec.
+
+    Refuses a file made for other base weights (fingerprint), one holding tensors the
+    model does not have, or one missing tensors the model trains.
+    """
+    tensors, metadata = load_tensors(path)
+    info = getattr(model, "adaptkit", None)
+    expected = metadata.get("base_fingerprint")
+    if check_base and info is not None and expected and expected != info.base_fingerprint:
+        raise CheckpointError(
+            f"{path}: this adapter was trained on other base weights (fingerprint {expected}, "
+            f"this model's is {info.base_fingerprint}); build the model from the base it was trained on"
+        )
+    own = dict(model.named_parameters())
+    unknown = sorted(set(tensors) - set(own))
+    if unknown:
+        raise CheckpointError(
+            f"{path}: holds {len(unknown)} tensors this model does not have (e.g. {unknown[0]}); "
+            "was it saved from a different spec?"
+        )
+    missing = sorted(n for n, p in own.items() if p.requires_grad and n not in tensors)
+    if missing:
+        raise CheckpointError(f"{path}: lacks {len(missing)} trained tensors of this model (e.g. {missing[0]})")
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            target = own[name]
+            if target.shape != tensor.shape:
+                raise CheckpointError(f"{path}: {name} has shape {tuple(tensor.shape)}, the model expects {tuple(target.shape)}")
+            target.copy_(tensor.to(target.dtype))
+    return metadata

@@ -1,0 +1,63 @@
+"""The ``adaptkit`` command line.
+
+Each sub-command lives in :mod:`adaptkit.commands` as a module with ``add_parser``
+and ``main``. User errors (:class:`~adaptkit.errors.AdaptkitError`) print one clear
+message and exit 2; anything else is an internal error (exit 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import traceback
+
+from adaptkit.errors import AdaptkitError
+
+COMMANDS = [
+    "run",
+    "validate",
+    "plugins",
+    "schema",
+]
+
+
+def parser() -> argparse.ArgumentParser:
+    from adaptkit import __version__
+
+    top = argparse.ArgumentParser(prog="adaptkit", description="Parameter-efficient adaptation of vision, CLIP and diffusion models.")
+    top.add_argument("--version", action="version", version=f"adaptkit {__version__}")
+    sub = top.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMANDS:
+        module = importlib.import_module(f"adaptkit.commands.{name.replace('-', '_')}")
+        command = module.add_parser(sub)
+        command.set_defaults(_main=module.main)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    top = parser()
+    # overrides (key=value) may come after options: `run spec.yaml --overwrite train.lr=1e-3`
+    args, extra = top.parse_known_args(argv)
+    if extra:
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = list(args.overrides or []) + extra
+        else:
+            top.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        return int(args._main(args) or 0)
+    except AdaptkitError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception:  # a bug: show where, ask for a report
+        traceback.print_exc()
+        print("internal error: this is a bug in adaptkit or a plugin; please report it with the traceback above", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Sub-commands of the ``adaptkit`` command line, one module each."""

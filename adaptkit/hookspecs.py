@@ -1,0 +1,93 @@
+"""The plugin contract: pluggy hook specifications of the ``adaptkit`` project.
+
+A plugin is a module (or any object) with functions decorated by :data:`hookimpl`
+whose names match the hooks below. Built-in plugins are listed in registry.yaml;
+third-party ones declare their module under the ``adaptkit`` entry-point group::
+
+    [project.entry-points.adaptkit]
+    my_plugin = "my_package.adaptkit_plugin"
+
+Every hook takes no arguments and returns a list of typed records
+(:mod:`adaptkit.records`). Records are data, not instances: keep hook bodies cheap
+and import heavy libraries (torch, timm, ...) inside the factories.
+"""
+
+from __future__ import annotations
+
+import pluggy
+
+from adaptkit.records import BackboneRecord, DataRecord, MethodRecord, PresetRecord, TaskRecord
+
+PROJECT = "adaptkit"
+
+hookspec = pluggy.HookspecMarker(PROJECT)
+#: Decorate a plugin's hook functions with this marker.
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def adaptkit_backbones() -> list[BackboneRecord]:
+    """Register backbones. Called once when the registry loads.
+
+    Return one :class:`~adaptkit.records.BackboneRecord` per backbone::
+
+        @hookimpl
+        def adaptkit_backbones():
+            return [BackboneRecord(name="convnext", params=ConvNextParams,
+                                   factory=build_convnext, summary="timm ConvNeXt",
+                                   towers={"vision": TowerInfo(sites=frozenset({"layers"}))},
+                                   capabilities=frozenset({"image_features"}))]
+    """
+
+
+@hookspec
+def adaptkit_methods() -> list[MethodRecord]:
+    """Register adaptation methods. Called once when the registry loads.
+
+    Return one :class:`~adaptkit.records.MethodRecord` per method::
+
+        @hookimpl
+        def adaptkit_methods():
+            return [MethodRecord(name="bitfit", params=BitFitParams, factory=apply_bitfit,
+                                 summary="train only the biases")]
+    """
+
+
+@hookspec
+def adaptkit_tasks() -> list[TaskRecord]:
+    """Register tasks. Called once when the registry loads.
+
+    Return one :class:`~adaptkit.records.TaskRecord` per task::
+
+        @hookimpl
+        def adaptkit_tasks():
+            return [TaskRecord(name="regression", params=RegressionParams,
+                               factory=build_regression, summary="MSE on image features",
+                               needs=frozenset({"image_features"}))]
+    """
+
+
+@hookspec
+def adaptkit_data_sources() -> list[DataRecord]:
+    """Register data sources. Called once when the registry loads.
+
+    Return one :class:`~adaptkit.records.DataRecord` per source::
+
+        @hookimpl
+        def adaptkit_data_sources():
+            return [DataRecord(name="my_images", params=MyImagesParams,
+                               factory=load_my_images, summary="images listed in a CSV")]
+    """
+
+
+@hookspec
+def adaptkit_presets() -> list[PresetRecord]:
+    """Register named backbone configurations (presets). Called once at load.
+
+    The built-in presets come from registry.yaml; a plugin may add its own::
+
+        @hookimpl
+        def adaptkit_presets():
+            return [PresetRecord(name="convnext_tiny_digits", backbone="convnext",
+                                 config={"arch": "convnext_atto", "kwargs": {"in_chans": 1}})]
+    """

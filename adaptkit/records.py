@@ -1,0 +1,118 @@
+"""Typed registration records: what a plugin hook returns.
+
+A record says everything a user needs to write a spec (name, params model, one-line
+summary) and how to build the component (``factory``), without building it. Records
+are plain data: creating and listing them never imports torch or a model library.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from adaptkit.params import ComponentParams
+
+#: Site kinds a tower can offer (see design.md, "the adaptation surface").
+SITE_KINDS = ("layers", "blocks", "attention", "tokens", "text")
+
+
+@dataclass(frozen=True)
+class TowerInfo:
+    """What one tower of a backbone offers, known without building it.
+
+    ``sites`` is a subset of :data:`SITE_KINDS`; ``roles`` the layer roles present
+    (``attn.q``, ``mlp.in``, ...). Methods check these at validation time.
+    """
+
+    sites: frozenset[str]
+    roles: frozenset[str] = frozenset()
+    modality: str = "image"
+
+
+@dataclass(frozen=True)
+class Record:
+    """Common part of every registration record."""
+
+    name: str
+    params: type[ComponentParams]
+    factory: Callable[..., Any]
+    summary: str
+    provider: str = ""
+    kind: ClassVar[str] = "component"
+
+
+@dataclass(frozen=True)
+class BackboneRecord(Record):
+    """A backbone: ``factory(params, context) -> adaptkit.backbone.Backbone``.
+
+    ``towers`` maps tower name to :class:`TowerInfo` (or is a function of the params
+    returning that mapping); ``capabilities`` names what tasks can ask of the built
+    backbone, e.g. ``{"image_features"}`` for ``encode_image``.
+    """
+
+    towers: Mapping[str, TowerInfo] | Callable[[Any], Mapping[str, TowerInfo]] = field(default_factory=dict)
+    capabilities: frozenset[str] = frozenset()
+    kind: ClassVar[str] = "backbone"
+
+    def towers_for(self, params: ComponentParams) -> Mapping[str, TowerInfo]:
+        return self.towers(params) if callable(self.towers) else self.towers
+
+
+@dataclass(frozen=True)
+class MethodRecord(Record):
+    """An adaptation method: ``factory(params, surface, context) -> AppliedMethod``.
+
+    ``check(params, backbone_name, towers)`` returns the problems that make the
+    method impossible on a backbone (empty list when it fits); it runs at validation
+    time, before anything is built. ``recommended`` holds training defaults that suit
+    the method (``{"lr": 1e-2, "weight_decay": 0.0}``), used when the spec leaves them
+    unset.
+    """
+
+    check: Callable[[Any, str, Mapping[str, TowerInfo]], list[str]] | None = None
+    recommended: Mapping[str, float] = field(default_factory=dict)
+    kind: ClassVar[str] = "method"
+
+
+@dataclass(frozen=True)
+class TaskRecord(Record):
+    """A task: ``factory(params, backbone, data_info, context) -> adaptkit.task.TaskModel``.
+
+    ``needs`` lists backbone capabilities the task uses; ``data_kinds`` the kinds of
+    data bundle it trains on (``"labelled_images"``, ...).
+    """
+
+    needs: frozenset[str] = frozenset()
+    data_kinds: frozenset[str] = frozenset()
+    kind: ClassVar[str] = "task"
+
+
+@dataclass(frozen=True)
+class DataRecord(Record):
+    """A data source: ``factory(params, context) -> adaptkit.data.DataBundle``.
+
+    ``provides`` is the kind of bundle it yields (``"labelled_images"``, ...).
+    """
+
+    provides: str = "labelled_images"
+    kind: ClassVar[str] = "data"
+
+
+@dataclass(frozen=True)
+class PresetRecord:
+    """A named configuration of a backbone (a tiny test model, a known architecture).
+
+    ``config`` is interpreted by the backbone named in ``backbone``.
+    """
+
+    name: str
+    backbone: str
+    config: Mapping[str, Any]
+    summary: str = ""
+    provider: str = ""
+
+
+RECORD_TYPES: dict[str, type[Record]] = {
+    cls.kind: cls for cls in (BackboneRecord, MethodRecord, TaskRecord, DataRecord)
+}

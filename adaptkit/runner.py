@@ -1,0 +1,173 @@
+"""``adaptkit.run(spec)``: build, train, evaluate and save a run's files."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from adaptkit.errors import RunError
+from adaptkit.spec import RunSpec, load_spec
+
+RUN_FILE = "run.json"
+
+
+@dataclass
+class RunResult:
+    """What a run produced: final ``metrics`` and the ``output_dir`` holding its files."""
+
+    metrics: dict[str, Any]
+    output_dir: Path
+    files: list[str] = field(default_factory=list)
+    model: Any = None
+
+
+def output_dir_for(spec: RunSpec) -> Path:
+    return Path(spec.output.dir or Path("runs") / (spec.name or "run"))
+
+
+def claim_output_dir(spec: RunSpec, overwrite: bool = False) -> Path:
+    """Create the output directory, refusing one that holds another run.
+
+    A directory with a ``run.json`` is refused unless ``overwrite`` (or
+    ``output.overwrite``) is set, or ``train.resume`` continues the same spec.
+    """
+    out = output_dir_for(spec)
+    marker = out / RUN_FILE
+    if marker.exists():
+        try:
+            previous = json.loads(marker.read_text())
+        except (OSError, ValueError):
+            previous = {}
+        same = previous.get("spec_fingerprint") == spec.fingerprint()
+        if spec.train.resume and not same:
+            raise RunError(
+                f"{out} holds a run of a different spec; resume needs the spec that started it "
+                "(or choose another output.dir)"
+            )
+        if not (spec.train.resume or overwrite or spec.output.overwrite):
+            raise RunError(
+                f"{out} already holds a run ({previous.get('name', 'unnamed')}); pass --overwrite to replace it, "
+                "train.resume=true to continue it, or output.dir=... to write elsewhere"
+            )
+        if (overwrite or spec.output.overwrite) and not spec.train.resume:
+            stale = out / "checkpoint" / "state.safetensors"
+            if stale.exists():
+                stale.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def run(spec: RunSpec | dict[str, Any] | str | Path, overrides: list[str] | None = None, overwrite: bool = False, log: Any = print) -> RunResult:
+    """Build, train, evaluate and save what a spec describes.
+
+    Example::
+
+        result = adaptkit.run("examples/quickstart.yaml", ["train.epochs=5"])
+        result.metrics["test"]["accuracy"], result.output_dir
+
+    Writes into the output directory: ``spec.yaml``, ``run.json``, ``metrics.jsonl``
+    (one line per evaluation), ``metrics.json`` (final), ``curves.png``,
+    ``adapter.safetensors`` (only the trained tensors) and the task's own files.
+    """
+    import torch
+
+    from adaptkit import __version__
+    from adaptkit.build import build, count_parameters, recommended
+    from adaptkit.checkpoint import save_adapter
+    from adaptkit.distributed import barrier, init_distributed, resolve_device
+    from adaptkit.plots import plot_curves
+    from adaptkit.registry import registry as default_registry
+    from adaptkit.task import TaskModel
+    from adaptkit.train import Trainer, evaluate
+
+    reg = default_registry()
+    spec = load_spec(spec, overrides, registry=reg) if not (isinstance(spec, RunSpec) and not overrides) else spec
+    if spec.train.threads:
+        torch.set_num_threads(spec.train.threads)
+    device = resolve_device(spec.train.device)
+    dist = init_distributed(device)
+    device = resolve_device(spec.train.device, dist)
+    say = log if dist.main else (lambda *_: None)
+
+    out = output_dir_for(spec)
+    if dist.main:
+        out = claim_output_dir(spec, overwrite)
+        (out / "spec.yaml").write_text(spec.to_yaml())
+        _write_json(out / RUN_FILE, {"name": spec.name, "spec_fingerprint": spec.fingerprint(), "status": "running",
+                                     "adaptkit_version": __version__, "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    barrier(dist)
+
+    model = build(spec, registry=reg, keep_data=True)
+    data = model.adaptkit.data
+    trainable, total = count_parameters(model)
+    lr = recommended(spec, reg, "lr", 1e-3)
+    weight_decay = recommended(spec, reg, "weight_decay", 0.0 if spec.methods else 0.01)
+    say(
+        f"adaptkit {__version__}: {spec.backbone.name} + [{', '.join(m.name for m in spec.methods) or 'no method: head only'}]"
+        f" -> {spec.task.name} on {spec.data.name} | trainable {trainable:,} / {total:,} ({100 * trainable / max(1, total):.2f}%)"
+        f" | lr {lr:g} wd {weight_decay:g} | device {device}{f' x{dist.world}' if dist.enabled else ''} | {out}"
+    )
+
+    history: list[dict[str, Any]] = []
+    train_seconds = 0.0
+    resumed_from = 0
+    if trainable:
+        trainer = Trainer(model, data, spec.train, seed=spec.seed, lr=lr, weight_decay=weight_decay, output_dir=out,
+                          device=device, dist=dist, spec_fingerprint=spec.fingerprint(), log=say)
+        fitted = trainer.fit()
+        history, train_seconds, resumed_from = fitted.history, fitted.seconds, fitted.resumed_from
+    else:
+        say("nothing to train (no method adds or unfreezes parameters): evaluating only")
+        model.to(device)
+
+    eval_bs = spec.train.eval_batch_size or spec.train.batch_size
+    final: dict[str, Any] = {}
+    for split in ("val", "test"):
+        dataset = getattr(data, split)
+        if dataset is not None and len(dataset):
+            final[split] = evaluate(model, dataset, eval_bs, device)
+    files: list[str] = []
+    if dist.main:
+        save_adapter(model, out / "adapter.safetensors")
+        files.append("adapter.safetensors")
+        for split, metrics in final.items():
+            files += model.write_artifacts(metrics, out, split)
+        summary = {
+            "val": TaskModel.scalar_metrics(final.get("val", {})),
+            "test": TaskModel.scalar_metrics(final.get("test", {})),
+            "trainable_params": trainable,
+            "total_params": total,
+            "trainable_percent": 100 * trainable / max(1, total),
+            "steps": len(history) and history[-1]["step"],
+            "train_seconds": round(train_seconds, 2),
+            "resumed_from_step": resumed_from,
+            "adapter_bytes": (out / "adapter.safetensors").stat().st_size,
+        }
+        _write_json(out / "metrics.json", summary)
+        files.append("metrics.json")
+        if plot_curves(history, out / "curves.png", model.primary_metric):
+            files.append("curves.png")
+        marker = json.loads((out / RUN_FILE).read_text())
+        marker.update(status="done", finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
+                      key_metrics={f"{s}_{model.primary_metric}": summary[s].get(model.primary_metric) for s in ("val", "test")})
+        _write_json(out / RUN_FILE, marker)
+        for split in ("val", "test"):
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in summary[split].items())
+            if shown:
+                say(f"{split}: {shown}")
+        say(f"wrote {out}/: {', '.join(files)}")
+    barrier(dist)
+    metrics = {**{k: v for k, v in final.items()}, "trainable_params": trainable, "total_params": total,
+               "trainable_percent": 100 * trainable / max(1, total)}
+    return RunResult(metrics=metrics, output_dir=out, files=files, model=model)
+

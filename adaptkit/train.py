@@ -1,0 +1,321 @@
+"""The training loop: one process, or several under torchrun (DDP).
+
+Read it top to bottom: :func:`fit` builds the optimizer and schedule, restores a
+checkpoint when resuming, then runs optimizer steps over seeded, sharded global
+batches, evaluating and checkpointing on schedule. Everything random (order,
+augmentation, dropout) is seeded so a run, its resumed twin and its DDP twin agree.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from adaptkit.checkpoint import load_tensors, save_tensors
+from adaptkit.data import BatchDataset, DataBundle, iterate, to_device
+from adaptkit.distributed import DistInfo
+from adaptkit.errors import CheckpointError, RunError
+from adaptkit.spec import TrainSpec
+from adaptkit.task import TaskModel
+
+STATE_FILE = "checkpoint/state.safetensors"
+
+
+@dataclass
+class TrainResult:
+    history: list[dict[str, Any]] = field(default_factory=list)
+    steps: int = 0
+    seconds: float = 0.0
+    resumed_from: int = 0
+
+
+def _generator(seed: int, epoch: int, stream: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + epoch * 7_919 + stream) % (2**63 - 1))
+
+
+def epoch_order(size: int, seed: int, epoch: int) -> torch.Tensor:
+    """The sample order of one epoch (the same on every process)."""
+    return torch.randperm(size, generator=_generator(seed, epoch, 0))
+
+
+def epoch_randomness(size: int, dims: int, seed: int, epoch: int) -> torch.Tensor:
+    """Per-sample uniform numbers for augmentation in one epoch (the same on every process)."""
+    return torch.rand(size, dims, generator=_generator(seed, epoch, 1))
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
+    """Multiplier of the peak learning rate at optimizer step ``step`` (0-based)."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant" or total <= warmup:
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1 - progress
+    return min_ratio + (1 - min_ratio) * shape
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices and tokens; never biases or norm scales (ndim < 2)."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+class Trainer:
+    """Trains a task model on a data bundle as a :class:`TrainSpec` says."""
+
+    def __init__(
+        self,
+        model: TaskModel,
+        data: DataBundle,
+        train: TrainSpec,
+        *,
+        seed: int,
+        lr: float,
+        weight_decay: float,
+        output_dir: Path,
+        device: torch.device,
+        dist: DistInfo,
+        spec_fingerprint: str = "",
+        log: Callable[[str], None] = print,
+    ) -> None:
+        if data.train is None or len(data.train) == 0:
+            raise RunError("the data source has no training samples")
+        self.model, self.data, self.cfg = model, data, train
+        self.seed, self.lr, self.weight_decay = seed, lr, weight_decay
+        self.output_dir, self.device, self.dist = output_dir, device, dist
+        self.spec_fingerprint, self.log = spec_fingerprint, log
+        n = len(data.train)
+        self.steps_per_epoch = math.ceil(n / train.batch_size)
+        self.total_steps = train.max_steps or train.epochs * self.steps_per_epoch
+        self.eval_every = train.eval_every or self.steps_per_epoch
+        self.checkpoint_every = train.checkpoint_every or self.eval_every
+        self.warmup = int(train.warmup if train.warmup >= 1 else round(train.warmup * self.total_steps))
+        self.trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+
+    # ----------------------------------------------------------------- setup
+    def _optimizer(self) -> torch.optim.Optimizer:
+        groups = param_groups(self.model, self.weight_decay)
+        for group in groups:
+            group["initial_lr"] = self.lr
+        return torch.optim.AdamW(groups, lr=self.lr, betas=self.cfg.betas)
+
+    def _autocast(self) -> Any:
+        if self.cfg.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return torch.autocast(self.device.type, enabled=False)
+
+    # ----------------------------------------------------------------- loop
+    def fit(self) -> TrainResult:
+        model = self.model.to(self.device)
+        model.train()
+        optimizer = self._optimizer()
+        result = TrainResult()
+        start_step, loss_sum, loss_count, elapsed = 0, 0.0, 0, 0.0
+        if self.cfg.resume:
+            restored = self._restore(optimizer)
+            if restored is not None:
+                start_step, result.history, loss_sum, loss_count, elapsed = restored
+                result.resumed_from = start_step
+                if self.dist.main:
+                    self.log(f"resuming at step {start_step} of {self.total_steps}")
+        if self.dist.main:
+            self._rewrite_history(result.history)
+
+        engine: nn.Module = model
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            engine = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+        train_set: BatchDataset = self.data.train
+        n, batch_size, accum = len(train_set), self.cfg.batch_size, self.cfg.grad_accum
+        params = [p for _, p in self.trainable]
+        bar = self._progress(start_step)
+        order = rand = None
+        cached_epoch = -1
+        started = time.perf_counter()
+        seen_samples = 0
+        for step in range(start_step, self.total_steps):
+            epoch, index_in_epoch = divmod(step, self.steps_per_epoch)
+            if epoch != cached_epoch:
+                order = epoch_order(n, self.seed, epoch)
+                if self.data.augment is not None:
+                    rand = epoch_randomness(n, self.data.augment_dims, self.seed, epoch)
+                cached_epoch = epoch
+            indices = order[index_in_epoch * batch_size : (index_in_epoch + 1) * batch_size]
+            global_count = len(indices)
+            mine = torch.tensor_split(indices, self.dist.world)[self.dist.rank]
+            micro_batches = [m for m in torch.tensor_split(mine, accum) if len(m)]
+            factor = lr_factor(step, self.total_steps, self.warmup, self.cfg.schedule, self.cfg.min_lr_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = self.lr * factor
+            step_loss = 0.0
+            for k, micro in enumerate(micro_batches):
+                batch = train_set.batch(micro.tolist())
+                if self.data.augment is not None:
+                    batch = self.data.augment(batch, rand[micro])
+                batch = to_device(batch, self.device)
+                sync = k == len(micro_batches) - 1
+                context = engine.no_sync() if (self.dist.enabled and not sync) else _null()
+                with context:
+                    with self._autocast():
+                        out = engine(batch)
+                    # weight by share of the global batch: DDP's mean over ranks then gives the global mean
+                    loss = out.loss.float() * (out.count * self.dist.world / global_count)
+                    loss.backward()
+                step_loss += out.loss.item() * out.count
+            if self.cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            local_count = sum(len(m) for m in micro_batches)
+            loss_sum += step_loss
+            loss_count += local_count
+            seen_samples += global_count
+            done = step + 1
+            if bar is not None:
+                rate = seen_samples / max(1e-9, time.perf_counter() - started)
+                bar.set_postfix(loss=f"{step_loss / max(1, local_count):.4f}", lr=f"{self.lr * factor:.2e}", img_s=f"{rate:.0f}", refresh=False)
+                bar.update(1)
+            if not math.isfinite(step_loss):
+                raise RunError(f"the training loss became {step_loss} at step {done}; lower train.lr or enable train.grad_clip")
+            if done % self.eval_every == 0 or done == self.total_steps:
+                metrics = self.evaluate("val")
+                record = {
+                    "step": done,
+                    "epoch": round(done / self.steps_per_epoch, 4),
+                    "lr": self.lr * factor,
+                    "train_loss": loss_sum / max(1, loss_count),
+                    **{f"val_{k}": v for k, v in TaskModel.scalar_metrics(metrics).items()},
+                }
+                loss_sum, loss_count = 0.0, 0
+                result.history.append(record)
+                if self.dist.main:
+                    self._append_history(record)
+                    if bar is not None:
+                        key = f"val_{self.model.primary_metric}"
+                        if key in record:
+                            bar.write(f"step {done}: train_loss {record['train_loss']:.4f}  {key} {record[key]:.4f}")
+            if done % self.checkpoint_every == 0 or done == self.total_steps:
+                if self.dist.main:
+                    self._save_state(optimizer, done, result.history, loss_sum, loss_count, elapsed + time.perf_counter() - started)
+        if bar is not None:
+            bar.close()
+        result.steps = self.total_steps
+        result.seconds = elapsed + time.perf_counter() - started
+        return result
+
+    @torch.no_grad()
+    def evaluate(self, split: str) -> dict[str, Any]:
+        """Metrics of the task on a split (every process evaluates the whole split)."""
+        dataset = getattr(self.data, split)
+        if dataset is None or len(dataset) == 0:
+            return {}
+        return evaluate(self.model, dataset, self.cfg.eval_batch_size or self.cfg.batch_size, self.device, self._autocast)
+
+    def _progress(self, start: int) -> Any:
+        if not (self.cfg.progress and self.dist.main):
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=self.total_steps, initial=start, desc="train", unit="step", dynamic_ncols=True, leave=True)
+
+    # ----------------------------------------------------------------- state
+    def _save_state(self, optimizer: torch.optim.Optimizer, step: int, history: list[dict[str, Any]], loss_sum: float, loss_count: int, elapsed: float) -> None:
+        tensors: dict[str, torch.Tensor] = {f"param.{name}": p for name, p in self.trainable}
+        index_of = {id(p): i for i, (_, p) in enumerate(self.trainable)}
+        for p, state in optimizer.state.items():
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor):
+                    tensors[f"optim.{index_of[id(p)]}.{key}"] = value.reshape(value.shape) if value.ndim else value.reshape(1)
+        tensors["rng.torch"] = torch.get_rng_state()
+        if torch.cuda.is_available() and self.device.type == "cuda":
+            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
+        metadata = {
+            "step": step,
+            "history": history,
+            "loss_sum": loss_sum,
+            "loss_count": loss_count,
+            "elapsed": elapsed,
+            "spec_fingerprint": self.spec_fingerprint,
+            "param_names": [name for name, _ in self.trainable],
+        }
+        save_tensors(self.output_dir / STATE_FILE, tensors, metadata)
+
+    def _restore(self, optimizer: torch.optim.Optimizer) -> tuple[int, list[dict[str, Any]], float, int, float] | None:
+        path = self.output_dir / STATE_FILE
+        if not path.exists():
+            return None
+        tensors, meta = load_tensors(path)
+        if meta.get("spec_fingerprint") and self.spec_fingerprint and meta["spec_fingerprint"] != self.spec_fingerprint:
+            raise CheckpointError(
+                f"{path}: the checkpoint belongs to a different spec; resume with the spec that started the run, "
+                "or choose another output.dir"
+            )
+        names = json.loads(meta["param_names"])
+        if names != [name for name, _ in self.trainable]:
+            raise CheckpointError(f"{path}: the checkpoint's trainable tensors differ from this model's")
+        with torch.no_grad():
+            for name, p in self.trainable:
+                p.copy_(tensors[f"param.{name}"])
+        # prime AdamW's state with the saved moments
+        for i, (_, p) in enumerate(self.trainable):
+            state = {}
+            for key in ("step", "exp_avg", "exp_avg_sq"):
+                saved = tensors.get(f"optim.{i}.{key}")
+                if saved is not None:
+                    state[key] = saved.reshape(()) if key == "step" else saved.to(self.device)
+            if state:
+                optimizer.state[p] = state
+        torch.set_rng_state(tensors["rng.torch"])
+        if "rng.cuda" in tensors and self.device.type == "cuda":
+            torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
+        return (
+            int(meta["step"]),
+            json.loads(meta["history"]),
+            float(meta["loss_sum"]),
+            int(meta["loss_count"]),
+            float(meta["elapsed"]),
+        )
+
+    def _rewrite_history(self, history: list[dict[str, Any]]) -> None:
+        path = self.output_dir / "metrics.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in history))
+
+    def _append_history(self, record: dict[str, Any]) -> None:
+        with open(self.output_dir / "metrics.jsonl", "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+
+@torch.no_grad()
+def evaluate(model: TaskModel, dataset: BatchDataset, batch_size: int, device: torch.device, autocast: Callable[[], Any] | None = None) -> dict[str, Any]:
+    """Run a task's evaluation over a dataset, in eval mode, then restore the mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        with autocast() if autocast else _null():
+            return model.evaluate(to_device(b, device) for b in iterate(dataset, batch_size))
+    finally:
+        model.train(was_training)
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *args: Any) -> None:
+        return None

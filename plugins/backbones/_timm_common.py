@@ -1,0 +1,106 @@
+"""Creating timm models from presets or names, and loading local weights (imports torch)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from adaptkit.checkpoint import load_weights
+from adaptkit.errors import CheckpointError, PluginError, did_you_mean
+
+#: prefixes under which adaptkit's own checkpoints store a timm backbone's weights
+OWN_PREFIXES = ("backbone.net.", "net.")
+
+
+def is_local_path(value: str) -> bool:
+    """A local file or directory, as opposed to a hub tag (``timm/...``, ``hf-hub:...``, ``arch.tag``)."""
+    if value.startswith(("hf-hub:", "timm/")):
+        return False
+    return Path(value).exists() or "/" in value or os.sep in value or Path(value).suffix in {".safetensors", ".pt", ".pth", ".bin"}
+
+
+def create(params: Any, ctx: Any, family: str, expected: type[nn.Module]) -> nn.Module:
+    """Create the timm model a backbone's params name, with num_classes=0 (features only)."""
+    import timm
+
+    preset = ctx.preset(params.model, params.name)
+    if preset is not None:
+        arch = preset.config["arch"]
+        kwargs: dict[str, Any] = dict(preset.config.get("kwargs") or {})
+    else:
+        arch = params.model
+        kwargs = {}
+    for key in ("img_size", "in_chans"):
+        if getattr(params, key) is not None:
+            kwargs[key] = getattr(params, key)
+    kwargs["drop_path_rate"] = params.drop_path_rate
+    kwargs.update(params.kwargs)
+    kwargs["num_classes"] = 0
+
+    hub = params.pretrained if isinstance(params.pretrained, str) and not is_local_path(params.pretrained) else None
+    use_hub = params.pretrained is True or hub is not None
+    name = hub or arch
+    if not use_hub and not timm.is_model(arch):
+        known = [p.name for p in ctx.registry.presets(params.name)] + timm.list_models(f"*{family}*")
+        raise PluginError(
+            f"backbone.model: '{params.model}' is neither a {params.name} preset nor a timm model{did_you_mean(params.model, known)}; "
+            f"presets: {', '.join(p.name for p in ctx.registry.presets(params.name))}"
+        )
+    try:
+        net = timm.create_model(name, pretrained=use_hub, **kwargs)
+    except (OSError, RuntimeError, ValueError) as exc:
+        if use_hub:
+            raise CheckpointError(
+                f"backbone.pretrained: could not fetch '{name}' from the hub ({type(exc).__name__}: {str(exc)[:160]}); "
+                "without a network, pass a local weights file instead"
+            ) from None
+        raise PluginError(f"backbone: timm could not create '{arch}' with {kwargs}: {exc}") from None
+    if not isinstance(net, expected):
+        raise PluginError(
+            f"backbone.model: '{params.model}' is a timm {type(net).__name__}, not a {expected.__name__}; "
+            f"use the matching backbone"
+        )
+    if isinstance(params.pretrained, str) and hub is None:
+        load_local(net, params.pretrained)
+    return net
+
+
+def load_local(net: nn.Module, path: str) -> None:
+    """Load a local weights file into a timm model, skipping the classifier head.
+
+    Accepts timm's own key names and adaptkit checkpoints (``backbone.net.*``); a
+    file lacking backbone weights, or holding foreign tensors, is a clear error.
+    """
+    state = load_weights(path)
+    for prefix in OWN_PREFIXES:
+        if any(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            break
+    own = net.state_dict()
+    head_keys = [k for k in state if k.startswith(("head.", "fc.", "classifier."))]
+    for key in head_keys:
+        if key not in own:
+            state.pop(key)
+    unexpected = sorted(set(state) - set(own))
+    if unexpected:
+        adapter_like = [k for k in unexpected if "lora" in k or "prompt" in k or "adapter" in k]
+        hint = " (it looks like an adapter file: merge it first with `adaptkit merge`)" if adapter_like else ""
+        raise CheckpointError(f"backbone.pretrained: {path} holds {len(unexpected)} tensors this model lacks, e.g. {unexpected[0]}{hint}")
+    missing = sorted(set(own) - set(state))
+    if missing:
+        raise CheckpointError(
+            f"backbone.pretrained: {path} lacks {len(missing)} of this model's tensors, e.g. {missing[0]}; "
+            "is it a checkpoint of the same architecture?"
+        )
+    mismatched = [k for k in state if tuple(state[k].shape) != tuple(own[k].shape)]
+    if mismatched:
+        key = mismatched[0]
+        raise CheckpointError(
+            f"backbone.pretrained: {path}: {key} has shape {tuple(state[key].shape)}, the model expects {tuple(own[key].shape)}"
+        )
+    with torch.no_grad():
+        net.load_state_dict(state, strict=True)
