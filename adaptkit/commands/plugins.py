@@ -21,8 +21,10 @@ def _type_name(annotation: Any) -> str:
     origin = typing.get_origin(annotation)
     if origin is typing.Literal:
         return " | ".join(repr(a) for a in typing.get_args(annotation))
-    if isinstance(annotation, type):
-        return annotation.__name__
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return " | ".join(_type_name(a) for a in typing.get_args(annotation))
+    if isinstance(annotation, type) and not typing.get_args(annotation):
+        return "None" if annotation is type(None) else annotation.__name__
     return str(annotation).replace("typing.", "")
 
 
@@ -35,7 +37,7 @@ def describe_params(params: Any) -> list[dict[str, Any]]:
         out.append({
             "name": name,
             "type": _type_name(field.annotation),
-            "default": default if isinstance(default, (int, float, str, bool, list, dict, type(None))) else repr(default),
+            "default": list(default) if isinstance(default, tuple) else default if isinstance(default, (int, float, str, bool, list, dict, type(None))) else repr(default),
             "required": field.is_required(),
             "help": field.description or "",
         })
@@ -65,7 +67,7 @@ def main(args: argparse.Namespace) -> int:
         print(json.dumps({**listing, "failures": failures}, indent=2, default=str))
     else:
         for kind, items in listing.items():
-            print(f"{kind}s:")
+            print({"backbone": "backbones:", "method": "methods:", "task": "tasks:", "data": "data sources:", "preset": "presets:"}[kind])
             for item in items:
                 if kind == "preset":
                     print(f"  {item['name']:<22} backbone {item['backbone']:<10} {item['summary']}")

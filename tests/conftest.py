@@ -1,0 +1,43 @@
+"""Shared fixtures: tiny specs on the bundled digits, fast and seeded."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+
+os.environ.setdefault("ADAPTKIT_TEST", "1")
+
+
+def tiny_vit_spec(tmp_path, **overrides) -> dict:
+    """A spec that trains the tiny digits ViT for a few steps (seconds on a CPU)."""
+    spec = {
+        "name": "tiny",
+        "seed": 0,
+        "backbone": {"name": "vit", "model": "vit_tiny_digits"},
+        "methods": [{"name": "lora", "rank": 2}],
+        "task": {"name": "classification"},
+        "data": {"name": "digits"},
+        "train": {"max_steps": 6, "batch_size": 32, "eval_every": 3, "progress": False},
+        "output": {"dir": str(tmp_path / "run")},
+    }
+    for key, value in overrides.items():
+        spec[key] = value
+    return copy.deepcopy(spec)
+
+
+@pytest.fixture
+def vit_spec(tmp_path):
+    return tiny_vit_spec(tmp_path)
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads():
+    try:
+        import torch
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    torch.set_num_threads(1)
+    yield
