@@ -39,6 +39,12 @@ class Record:
     factory: Callable[..., Any]
     summary: str
     provider: str = ""
+    #: a small working configuration, used by docs and by the contract tests:
+    #: for a backbone, a spec fragment with tiny ``backbone`` params and a fitting
+    #: ``task`` and ``data`` (e.g. ``{"backbone": {"model": "vit_tiny_digits"},
+    #: "task": {"name": "classification"}, "data": {"name": "digits"}}``);
+    #: for other kinds, params for the component itself (e.g. ``{"rank": 2}``).
+    example: Mapping[str, Any] = field(default_factory=dict)
     kind: ClassVar[str] = "component"
 
 

@@ -37,5 +37,10 @@ def adaptkit_backbones() -> list[BackboneRecord]:
             summary="timm VisionTransformer (patches -> encoder -> [CLS]); presets vit_tiny_digits, vit_tiny_32, vit_small_16",
             towers={"vision": TowerInfo(sites=frozenset({"layers", "blocks", "attention", "tokens"}), roles=VIT_ROLES)},
             capabilities=frozenset({"image_features"}),
+            example={
+                "backbone": {"name": "vit", "model": "vit_tiny_digits"},
+                "task": {"name": "classification"},
+                "data": {"name": "digits"},
+            },
         )
     ]

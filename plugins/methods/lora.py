@@ -67,5 +67,6 @@ def adaptkit_methods() -> list[MethodRecord]:
             summary="low-rank updates of Linear/Conv2d layers by role (q/v slices of fused qkv too); mergeable",
             check=check_lora,
             recommended={"lr": 1e-2, "weight_decay": 0.0},
+            example={"rank": 2},
         )
     ]
