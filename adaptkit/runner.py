@@ -82,7 +82,7 @@ def run(spec: RunSpec | dict[str, Any] | str | Path, overrides: list[str] | None
     import torch
 
     from adaptkit import __version__
-    from adaptkit.build import build, count_parameters, recommended
+    from adaptkit.builder import build, count_parameters, recommended
     from adaptkit.checkpoint import save_adapter
     from adaptkit.distributed import barrier, init_distributed, resolve_device
     from adaptkit.plots import plot_curves
