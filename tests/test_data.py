@@ -21,7 +21,7 @@ def bundle(tmp_path, data, backbone=None):
 def test_digits_split_sizes_and_range(tmp_path):
     data = bundle(tmp_path, {"name": "digits"})
     assert (len(data.train), len(data.val), len(data.test)) == (1257, 270, 270)
-    images = data.train.tensors["images"]
+    images = data.train.batch(range(len(data.train)))["images"]
     assert images.shape[1:] == (1, 8, 8) and images.min() == -1 and images.max() == 1
     assert data.info.class_names == [str(i) for i in range(10)]
 
@@ -34,7 +34,7 @@ def test_digits_class_filter_relabels_in_order(tmp_path):
 
 def test_digits_resize_channels_and_shots(tmp_path):
     data = bundle(tmp_path, {"name": "digits", "shots": 4}, backbone={"name": "vit", "model": "vit_tiny_32"})
-    assert data.train.tensors["images"].shape[1:] == (3, 32, 32)
+    assert data.train.batch(range(4))["images"].shape[1:] == (3, 32, 32)
     assert np.bincount(data.train.tensors["labels"].numpy()).tolist() == [4] * 10
 
 
@@ -68,7 +68,7 @@ def test_image_folder_trains(tmp_path):
     assert result.metrics["test"]["count"] == 4
     data = adaptkit.build(spec, keep_data=True).adaptkit.data
     assert data.info.class_names == ["class_0", "class_1"]
-    assert data.train.tensors["images"].shape[1:] == (3, 32, 32)
+    assert data.train.batch(range(4))["images"].shape[1:] == (3, 32, 32)
 
 
 def test_image_folder_errors(tmp_path):
