@@ -42,7 +42,7 @@ def test_classify_prints_ranked_labels_with_probabilities(clip_run, digit_pngs, 
 
 def test_classify_json_matches_the_zero_shot_task(clip_run, digit_pngs, capsys):
     """The CLI's probabilities equal the zero_shot model's on the same pixels (templates applied)."""
-    from adaptkit.build import build
+    from adaptkit.builder import build
     from adaptkit.commands.classify import load_image
     from adaptkit.spec import load_spec
 

@@ -10,7 +10,7 @@ torch = pytest.importorskip("torch")
 open_clip = pytest.importorskip("open_clip")
 
 import adaptkit  # noqa: E402
-from adaptkit.build import build  # noqa: E402  (adaptkit.build is shadowed by the submodule once imported)
+from adaptkit.builder import build  # noqa: E402
 from adaptkit.errors import CheckpointError, CompatibilityError, PluginError, SpecError  # noqa: E402
 from tests.clip_helpers import FixedPrompts, tiny_clip  # noqa: E402
 

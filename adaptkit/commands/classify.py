@@ -94,7 +94,7 @@ def rank(model: Any, images: Any, labels: list[str]) -> Any:
 def main(args: argparse.Namespace) -> int:
     import torch
 
-    from adaptkit.build import build
+    from adaptkit.builder import build
     from adaptkit.checkpoint import load_adapter
     from adaptkit.spec import load_spec
 
