@@ -123,36 +123,6 @@ def template_table(weights: Path, out: Path, data: dict[str, Any], label: str, o
 
 
 # ----------------------------------------------------------------- part 3
-def write_shifted_digits(root: Path, shift: str) -> Path:
-    """The digits through a shifted 'scanner', as train/val/test PNG folders named by digit word."""
-    import numpy as np
-    import torch
-    from PIL import Image
-
-    from adaptkit_plugins.data._images import stratified_split
-    from adaptkit_plugins.data.digits import load_digit_images
-    from adaptkit_plugins.data.digits_captions import DIGIT_WORDS
-
-    folder = root / f"digits_{shift}"
-    if (folder / "test").is_dir():
-        return folder
-    images, labels, _ = load_digit_images(None)
-    generator = torch.Generator().manual_seed(0)
-    if shift == "noisy":
-        images = (images + 1.0 * torch.randn(images.shape, generator=generator)).clamp(-1, 1)
-    elif shift == "inverted":
-        images = -images
-    elif shift != "clean":
-        raise ValueError(shift)
-    pixels = ((images[:, 0] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
-    for split, index in zip(("train", "val", "test"), stratified_split(labels, (0.7, 0.15, 0.15), 0)):
-        for i in index.tolist():
-            target = folder / split / DIGIT_WORDS[labels[i]]
-            target.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(np.ascontiguousarray(pixels[i])).save(target / f"{i}.png")
-    return folder
-
-
 def folder_order() -> list[int]:
     """The digit of each label of the PNG folders (image_folder sorts class folders by name)."""
     from adaptkit_plugins.data.digits_captions import DIGIT_WORDS
@@ -207,6 +177,8 @@ def few_shot_spec(weights: Path, out: Path, name: str, folder: Path, shots: int,
 def few_shot_table(weights: Path, out: Path, shift: str, shots_list: list[int], seeds: list[int], steps: int, key: str, label: str) -> dict[str, Any]:
     """Zero-shot templates and k-shot methods on the ``shift`` digits; ``key`` names its runs, ``label`` its tables."""
     import adaptkit
+
+    from examples.make_shifted_digits import write_shifted_digits
 
     folder = write_shifted_digits(out, shift)
     data = {"name": "image_folder", "root": str(folder)}

@@ -219,6 +219,8 @@ def test_pretrained_errors_are_clear(tmp_path):
         build(_clip_spec(pretrained=str(wrong)))
     with pytest.raises(SpecError, match="pretrained"):
         adaptkit.load_spec(_clip_spec(pretrained=True))
+    with pytest.raises(CheckpointError, match="neither a local file nor an open_clip weights tag of 'clip_tiny_digits'"):
+        build(_clip_spec(pretrained="openai"))
 
 
 def test_unknown_model_suggests_a_preset():

@@ -168,6 +168,13 @@ class ClipBackbone(Backbone):
         name = params.model
         tag = params.pretrained if isinstance(params.pretrained, str) and not is_local_path(params.pretrained) else None
         local = params.pretrained if isinstance(params.pretrained, str) and tag is None else None
+        if tag is not None:
+            tags = open_clip.list_pretrained_tags_by_model(name)
+            if tag not in tags:
+                raise CheckpointError(
+                    f"backbone.pretrained: '{tag}' is neither a local file nor an open_clip weights tag of '{name}'"
+                    f"{did_you_mean(tag, tags)}; tags: {', '.join(tags) or 'none (pass a local weights file)'}"
+                )
         kwargs: dict[str, Any] = {"force_quick_gelu": params.quick_gelu}
         if params.image_size is not None:
             kwargs["force_image_size"] = params.image_size
