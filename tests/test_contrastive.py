@@ -149,3 +149,41 @@ def test_contrastive_training_pulls_pairs_together(tmp_path):
     assert {"loss", "i2t_accuracy", "zero_shot_accuracy", "distinct_captions"} <= set(test)
     assert 0 <= test["zero_shot_accuracy"] <= 1 and test["count"] == 81
     assert [json.loads(line)["step"] for line in (tmp_path / "ct" / "metrics.jsonl").read_text().splitlines()] == [2, 4]
+
+
+@pytest.mark.slow
+def test_ddp_contrasts_the_global_batch(tmp_path):
+    """torchrun x2 (gloo): each process's pairs meet the other's as negatives, as in one process."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+    from safetensors.torch import load_file
+
+    spec = {
+        "name": "single", "backbone": {"name": "clip"}, "methods": [{"name": "full"}],
+        "task": {"name": "contrastive"}, "data": {"name": "digits_captions", "classes": [0, 1, 2]},
+        "train": {"max_steps": 3, "batch_size": 16, "eval_every": 3, "grad_clip": None, "progress": False},
+        "output": {"dir": str(tmp_path / "single")},
+    }
+    adaptkit.run(spec, log=lambda *_: None)
+    ddp = {**spec, "name": "ddp", "output": {"dir": str(tmp_path / "ddp")}}
+    path = tmp_path / "ddp.yaml"
+    path.write_text(yaml.safe_dump(ddp))
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
+         "-m", "adaptkit.cli", "run", str(path)],
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    single, parallel = (load_file(str(tmp_path / d / "adapter.safetensors")) for d in ("single", "ddp"))
+    assert set(single) == set(parallel)
+    for key, value in single.items():
+        if key.endswith("attn.in_proj.bias"):
+            # the key bias cannot change attention (softmax ignores q.b_k), so its gradient is 0 up to
+            # rounding, and AdamW turns that rounding into +-lr steps: compare the q and v parts only
+            value, other = torch.cat([value[:64], value[128:]]), torch.cat([parallel[key][:64], parallel[key][128:]])
+        else:
+            other = parallel[key]
+        torch.testing.assert_close(other, value, rtol=1e-4, atol=1e-5, msg=key)

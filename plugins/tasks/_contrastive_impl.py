@@ -25,6 +25,28 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
 
+def gather_batch(features: torch.Tensor) -> torch.Tensor:
+    """Under torch.distributed, every process's features (differentiable, in rank order); else ``features``.
+
+    CLIP's negatives are the whole global batch, not one process's share: each process
+    computes the loss over the gathered batch, and the gather's backward sends every
+    process the gradient of its own features (so DDP's average is the global gradient).
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return features
+    from torch.distributed.nn.functional import all_gather
+
+    sizes = [torch.zeros(1, dtype=torch.long, device=features.device) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor([len(features)], device=features.device))
+    counts = [int(size.item()) for size in sizes]
+    longest = max(counts)
+    if len(features) < longest:  # all_gather needs equal shapes: pad, gather, cut
+        features = torch.cat([features, features.new_zeros(longest - len(features), *features.shape[1:])])
+    return torch.cat([part[:count] for part, count in zip(all_gather(features), counts)])
+
+
 class ContrastiveModel(TaskModel):
     def __init__(self, backbone: Any, class_names: list[str], templates: list[str]) -> None:
         super().__init__(backbone)
@@ -44,10 +66,8 @@ class ContrastiveModel(TaskModel):
 
     def training_step(self, batch: dict[str, Any]) -> StepOutput:
         captions = batch["captions"]
-        if len(captions) < 2:
-            raise DataError("contrastive training needs at least two pairs per batch (raise train.batch_size)")
-        images = self.backbone.encode_image(batch["images"]).float()
-        texts = self.backbone.encode_text(captions).float()
+        images = gather_batch(self.backbone.encode_image(batch["images"]).float())
+        texts = gather_batch(self.backbone.encode_text(captions).float())
         return StepOutput(clip_loss(images, texts, self.backbone.logit_scale.float()), len(captions))
 
     def class_features(self) -> torch.Tensor:
