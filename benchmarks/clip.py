@@ -138,8 +138,9 @@ def method_specs(registered: set[str]) -> dict[str, Any]:
         # embeddings onto one another in some runs (val loss exactly ln 10)
         "LoRA r4 (vision)": {"methods": [{"name": "lora", "rank": 4, "tower": "vision"}], "lr": 3e-3},
         "LoRA r4 (both towers)": {"methods": [{"name": "lora", "rank": 4, "tower": "all"}], "lr": 3e-3},
+        # CoOp: 4 learned context vectors after the start token, no hand template, N(0, 0.02) init
         "CoOp (prompt, text)": (
-            {"methods": [{"name": "prompt", "tower": "text"}], "templates": None}
+            {"methods": [{"name": "prompt", "tower": "text", "count": 4, "deep": False, "init": "normal"}], "templates": None}
             if "prompt" in registered else None
         ),
         "adapter (vision)": (
