@@ -247,3 +247,19 @@ def test_text_methods_on_an_image_only_backbone_fail_at_validation():
     assert any("zero_shot" in p and "text_features" in p for p in problems)
     with pytest.raises(CompatibilityError):
         build(spec)
+
+
+def test_a_real_open_clip_architecture_builds_by_name_and_matches_open_clip():
+    """ViT-S-32 (63M parameters, random weights: nothing is downloaded) at 64x64 input."""
+    backbone = build({**_clip_spec(model="ViT-S-32", image_size=64)}).backbone
+    assert backbone.context_length == 77 and backbone.image_size == (64, 64) and not backbone.identity_normalisation
+    plain = open_clip.create_model("ViT-S-32", force_image_size=64)
+    plain.load_state_dict(backbone.native_state_dict(backbone.state_dict()), strict=True)
+    plain.eval()
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
+    ids = open_clip.get_tokenizer("ViT-S-32")(["a photo of a cat", "a diagram"])
+    with torch.no_grad():
+        assert torch.allclose(backbone.encode_image(x), plain.encode_image(((x + 1) / 2 - mean) / std), atol=1e-5)
+        assert torch.allclose(backbone.encode_text(["a photo of a cat", "a diagram"]), plain.encode_text(ids), atol=1e-5)
