@@ -88,7 +88,7 @@ def load_local(net: nn.Module, path: str) -> None:
             state.pop(key)
     unexpected = sorted(set(state) - set(own))
     if unexpected:
-        adapter_like = [k for k in unexpected if "lora" in k or "prompt" in k or "adapter" in k]
+        adapter_like = [k for k in unexpected if any(w in k for w in ("lora", "prompt", "adapter", "prefix"))]
         hint = " (it looks like an adapter file: merge it first with `adaptkit merge`)" if adapter_like else ""
         raise CheckpointError(f"backbone.pretrained: {path} holds {len(unexpected)} tensors this model lacks, e.g. {unexpected[0]}{hint}")
     missing = sorted(set(own) - set(state))

@@ -44,9 +44,9 @@ class Adapter(nn.Module):
 
 
 class AppliedAdapter(AppliedMethod):
-    def __init__(self, adapters: list[Adapter], summary: str, expected: int) -> None:
+    def __init__(self, adapters: list[Adapter], handles: list[Any], summary: str, expected: int) -> None:
         super().__init__("adapter", list(adapters), summary, expected=expected, identity_at_init=True)
-        self.handles: list[Any] = []
+        self.handles = handles
 
     def set_enabled(self, enabled: bool) -> None:
         for adapter in self.added:
@@ -78,6 +78,4 @@ def apply(params: Any, surface: Surface) -> AppliedAdapter:
         raise CompatibilityError(
             f"method 'adapter' ({params.placement}) needs blocks with {where}, but backbone '{surface.backbone}' offers none"
         )
-    applied = AppliedAdapter(adapters, f"{len(adapters)} {params.placement} adapters, {expected:,} parameters", expected)
-    applied.handles = handles
-    return applied
+    return AppliedAdapter(adapters, handles, f"{len(adapters)} {params.placement} adapters, {expected:,} parameters", expected)
