@@ -164,7 +164,7 @@ def test_adapters_on_convolutional_feature_maps_use_the_channel_axis():
     x = torch.randn(2, 6, 5, 5)
     before = root.block(x)
     applied = apply(AdapterParams(bottleneck=2), surface)
-    assert applied.expected_parameters() == 2 * 6 * 2 + 2 + 6
+    assert applied.expected_parameters == 2 * 6 * 2 + 2 + 6
     assert torch.equal(root.block(x), before)
     adapter = root.block.adapter_mlp
     with torch.no_grad():
@@ -182,7 +182,7 @@ def test_stacked_methods_train_save_and_load_together(backbone, methods, tmp_pat
     model = adaptkit.build(spec(backbone, stack))
     applied = model.adaptkit.methods
     assert [m.name for m in applied] == methods
-    assert trainable(model) - HEAD == sum(m.expected_parameters() for m in applied)
+    assert trainable(model) - HEAD == sum(m.expected_parameters for m in applied)
     state = adaptkit.trainable_state(model)
     for name in methods:
         assert any(f".{name}" in key or f"{name}_" in key for key in state), (name, list(state)[:8])

@@ -45,7 +45,7 @@ class Adapter(nn.Module):
 
 class AppliedAdapter(AppliedMethod):
     def __init__(self, adapters: list[Adapter], handles: list[Any], summary: str, expected: int) -> None:
-        super().__init__("adapter", list(adapters), summary, expected=expected, identity_at_init=True)
+        super().__init__("adapter", list(adapters), summary, expected_parameters=expected, identity_at_init=True)
         self.handles = handles
 
     def set_enabled(self, enabled: bool) -> None:

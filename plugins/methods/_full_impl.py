@@ -55,7 +55,7 @@ class AppliedFull(AppliedMethod):
     mergeable = True
 
     def __init__(self, deltas: list[RowDelta], summary: str, expected: int) -> None:
-        super().__init__("full", list(deltas), summary, expected=expected, identity_at_init=True)
+        super().__init__("full", list(deltas), summary, expected_parameters=expected, identity_at_init=True)
         self.deltas = deltas
 
     def merge(self) -> None:

@@ -111,7 +111,7 @@ class AppliedLora(AppliedMethod):
     mergeable = True
 
     def __init__(self, deltas: dict[str, LoraDelta], summary: str, expected: int) -> None:
-        super().__init__("lora", list(deltas.values()), summary, expected=expected, identity_at_init=True)
+        super().__init__("lora", list(deltas.values()), summary, expected_parameters=expected, identity_at_init=True)
         self.deltas = deltas
 
     def merge(self) -> None:

@@ -86,4 +86,4 @@ def apply(params: Any, surface: Surface) -> AppliedMethod:
     kind = "gated " if params.gate else ""
     via = ", MLP-reparameterised" if params.reparameterize else ""
     summary = f"{kind}prefix of {params.length} at {sites_done} attention sites{via}, {expected:,} parameters"
-    return AppliedMethod("prefix", added, summary, expected=expected, identity_at_init=params.gate or params.length == 0)
+    return AppliedMethod("prefix", added, summary, expected_parameters=expected, identity_at_init=params.gate or params.length == 0)

@@ -83,4 +83,4 @@ def apply(params: Any, surface: Surface) -> AppliedMethod:
         routes.append(f"{tower.name}: attention ({len(tower.attention)} sites)")
     depth = "deep" if params.deep else "shallow"
     summary = f"{params.count} {depth} prompts; {'; '.join(routes)}; {expected:,} parameters"
-    return AppliedMethod("prompt", added, summary, expected=expected)
+    return AppliedMethod("prompt", added, summary, expected_parameters=expected)
