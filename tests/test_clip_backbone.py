@@ -263,3 +263,41 @@ def test_a_real_open_clip_architecture_builds_by_name_and_matches_open_clip():
     with torch.no_grad():
         assert torch.allclose(backbone.encode_image(x), plain.encode_image(((x + 1) / 2 - mean) / std), atol=1e-5)
         assert torch.allclose(backbone.encode_text(["a photo of a cat", "a diagram"]), plain.encode_text(ids), atol=1e-5)
+
+
+def test_coop_through_the_prompt_method_reproduces_a_hand_template():
+    """The prompt method on the text tower is CoOp: set its context to the template's words."""
+    spec = {
+        "backbone": {"name": "clip"},
+        "methods": [{"name": "prompt", "tower": "text", "count": 5, "deep": False, "init": "normal"}],
+        "task": {"name": "zero_shot", "class_names": ["zero", "one", "two"]},
+        "data": {"name": "digits", "classes": [0, 1, 2]},
+    }
+    model = build(spec)
+    (applied,) = model.adaptkit.methods
+    (source,) = applied.added
+    backbone = model.backbone
+    with torch.no_grad():
+        source.prompts.copy_(backbone.text_tokens.embed_words("a photo of the digit")[None])
+        learned = model.class_features()
+        backbone.text_tokens._sources.clear()  # the plain tower, fed the hand template
+        expected = backbone.encode_text([f"a photo of the digit {n}" for n in ("zero", "one", "two")], normalize=True)
+    assert torch.allclose(learned, expected, atol=1e-6)
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["prompt_text.prompts"]
+
+
+def test_gated_prefix_starts_at_the_base_model_on_both_towers():
+    spec = {"backbone": {"name": "clip"}, "methods": [{"name": "prefix", "gate": True, "tower": "all"}],
+            "task": {"name": "zero_shot"}, "data": {"name": "digits", "classes": [0, 1, 2]}}
+    model, base = build(spec, keep_data=True).eval(), build({**spec, "methods": []}).eval()
+    batch = model.adaptkit.data.train.batch(range(8))
+    with torch.no_grad():
+        assert torch.equal(model(batch).loss, base(batch).loss)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    model.train()
+    model(batch).loss.backward()
+    optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        assert not torch.equal(model(batch).loss, base(batch).loss)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adaptkit.errors import PluginError
+from adaptkit.sites import gated_attention
 
 _OWN = re.compile(r"(^|\.)in_proj\.(weight|bias)$")
 _NATIVE = re.compile(r"(^|\.)in_proj_(weight|bias)$")
@@ -29,7 +30,8 @@ class ClipAttention(nn.Module):
 
     Called like it (``attn(q, k, v, need_weights=False, attn_mask=mask)``) and returns
     ``(output, None)``. ``kv_site``, once set by an attention site, supplies extra keys
-    and values of shape (batch, heads, P, head_dim) that every query may attend to.
+    and values of shape (batch, heads, P, head_dim) that every query may attend to, and
+    gated ones whose attention is added to the output (``adaptkit.sites.gated_attention``).
     """
 
     def __init__(self, dim: int, num_heads: int, bias: bool = True, dropout: float = 0.0, batch_first: bool = True) -> None:
@@ -115,7 +117,12 @@ class ClipAttention(nn.Module):
             v = torch.cat([pv.to(v.dtype), v], dim=2)
             if mask is not None:  # every query may attend to the extra keys
                 mask = torch.cat([mask.new_zeros((*mask.shape[:-1], pk.shape[2])), mask], dim=-1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        dropout = self.dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        if self.kv_site is not None and self.kv_site.gated:  # gated prefixes: a softmax of their own, times the gate
+            gated = gated_attention(self.kv_site, q, dropout)
+            if gated is not None:
+                out = out + gated
         out = self.out_proj(out.transpose(1, 2).reshape(B, L, D))
         if not self.batch_first:
             out = out.transpose(0, 1)

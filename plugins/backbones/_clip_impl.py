@@ -353,7 +353,7 @@ class ClipBackbone(Backbone):
             blocks.append(BlockSite(where, dim, attn_output=block.ls_1, mlp_output=block.ls_2))
             attention.append(AttentionSite(
                 f"{where}.attn", attn, dim, attn.num_heads, attn.head_dim,
-                install=_install_attention, project_kv=_project_kv(block),
+                install=_install_attention, project_kv=_project_kv(block), supports_gate=True,
             ))
         return Tower(name=name, dim=dim, modality=modality, layers=layers, blocks=blocks, attention=attention, tokens=tokens)
 

@@ -144,9 +144,8 @@ def apply_system_prompt(params: SystemPromptParams, surface: Any, ctx: Any) -> A
     what = f"{len(templates)} template{'s' if len(templates) != 1 else ''}" + (" (ensemble)" if len(templates) > 1 else "")
     if params.system:
         what += f", system text {params.system!r}"
-    applied = AppliedMethod("system_prompt", [], f"{what} on {', '.join(t.name for t in towers)}")
-    applied.expected = 0  # the parameter formula: templates train nothing
-    return applied
+    # the parameter formula: templates train nothing
+    return AppliedMethod("system_prompt", [], f"{what} on {', '.join(t.name for t in towers)}", expected_parameters=0)
 
 
 @hookimpl
