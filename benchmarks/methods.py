@@ -15,6 +15,7 @@ allocation inside one profiled step), and the size of the saved adapter file.
     python benchmarks/methods.py                      # the full benchmark (~30 min, 1 thread)
     python benchmarks/methods.py --backbones vit --methods lora prompt --seeds 0
     python benchmarks/methods.py --methods full lora adapter --label-smoothing 0
+    python benchmarks/methods.py --backbones vit --setting 'lora lr2e-2={"methods": [{"name": "lora", "rank": 2}], "lr": 0.02}'
 """
 
 from __future__ import annotations
@@ -137,7 +138,9 @@ def _peak_allocated(prof: Any) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbones", nargs="+", default=list(PRESETS), choices=list(PRESETS))
-    parser.add_argument("--methods", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--methods", nargs="+", choices=list(SETTINGS), help="default: every setting (or only --setting ones)")
+    parser.add_argument("--setting", action="append", default=[], metavar="NAME=JSON",
+                        help='an extra setting, e.g. \'ad lr1e-2={"methods": [{"name": "adapter"}], "lr": 0.01}\'')
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--steps", type=int, default=1000, help="adaptation steps at batch 64")
     parser.add_argument("--pretrain-epochs", type=int, default=250)
@@ -145,6 +148,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--label-smoothing", type=float, default=0.1, help="of the adaptation runs (pretraining keeps 0.1)")
     args = parser.parse_args()
+    for item in args.setting:
+        name, sep, text = item.partition("=")
+        if not sep or not name:
+            parser.error(f"--setting {item!r}: give NAME=JSON")
+        try:
+            SETTINGS[name] = json.loads(text)
+        except json.JSONDecodeError as exc:
+            parser.error(f"--setting {name}: not JSON: {exc}")
+    if args.methods is None:
+        args.methods = [i.partition("=")[0] for i in args.setting] or list(SETTINGS)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     rows: dict[str, list[dict[str, Any]]] = {}
