@@ -32,6 +32,7 @@ def test_entry_point_plugin_from_a_package(tmp_path):
         reg = Registry()
         record = reg.get("method", "bias_only")
     assert record.provider == "bias_only_plugin"
+    assert reg.source(record.provider) == "package bias-only"
     assert record.summary.startswith("train only the biases")
     assert not reg.failures
 
