@@ -57,10 +57,10 @@ def agreement(classifier: Any, images: torch.Tensor, wanted: list[int]) -> tuple
     return float(hits.mean()), per
 
 
-def run_example(name: str, out: Path, overrides: list[str] = ()) -> Any:
+def run_example(name: str, out: Path, overrides: list[str] = (), run_name: str | None = None) -> Any:
     import adaptkit
 
-    spec = adaptkit.load_spec(EXAMPLES / f"{name}.yaml", [f"output.dir={out / name}", "train.progress=false", *overrides])
+    spec = adaptkit.load_spec(EXAMPLES / f"{name}.yaml", [f"output.dir={out / (run_name or name)}", "train.progress=false", *overrides])
     started = time.perf_counter()
     result = adaptkit.run(spec, log=lambda *_: None)
     result.seconds = time.perf_counter() - started
@@ -109,23 +109,24 @@ def transfer(work: Path, classifier: Any) -> None:
     images, wanted = sample_digits(base_model, list(range(5)), 20, 3.0)
     rate, _ = agreement(classifier, images, wanted)
     rows.append(["pretrained on 0-4, asked for 0-4", "-", "-", f"{100 * rate:.1f}%", f"{base.seconds:.0f}"])
-    images, wanted = sample_digits(base_model, new, 20, 3.0)
+    # the same base asked for 5-9 through its (untrained) class rows 5-9: the adaptation spec without methods
+    unadapted = adaptkit.build(adaptkit.load_spec(EXAMPLES / "ddpm_lora_digits_5_9.yaml", [f"backbone.pretrained={pretrained}", "methods=[]"]))
+    images, wanted = sample_digits(unadapted.eval(), new, 20, 3.0)
     rate, _ = agreement(classifier, images, wanted)
     rows.append(["pretrained on 0-4, asked for 5-9 (no adaptation)", "0", "0", f"{100 * rate:.1f}%", "-"])
     variants = [
-        ("LoRA r=4 (attn, conv, time) + class rows", "ddpm_lora_digits_5_9", []),
-        ("full fine-tuning", "ddpm_lora_digits_5_9", ["methods=[{name: full}]", "train.lr=1e-3", "train.weight_decay=0.01",
-                                                       "name=ddpm_full_digits_5_9"]),
+        ("LoRA r=4 (attn, conv, time) + class rows", "lora", []),
+        ("full fine-tuning", "full", ["methods=[{name: full}]", "train.lr=1e-3", "train.weight_decay=0.01"]),
     ]
-    for label, example, overrides in variants:
-        result = run_example(example, work, [f"backbone.pretrained={pretrained}", *overrides])
+    for label, run_name, overrides in variants:
+        result = run_example("ddpm_lora_digits_5_9", work, [f"backbone.pretrained={pretrained}", *overrides], run_name)
         model = result.model.eval()
         images, wanted = sample_digits(model, new, 20, 3.0)
         rate, _ = agreement(classifier, images, wanted)
         adapter = Path(result.output_dir) / "adapter.safetensors"
         rows.append([label, f"{result.metrics['trainable_params']:,} ({result.metrics['trainable_percent']:.1f}%)",
                      f"{adapter.stat().st_size / 1024:.0f} KB", f"{100 * rate:.1f}%", f"{result.seconds:.0f}"])
-    del adaptkit
+        print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
     print("## Adapting a DDPM pretrained on digits 0-4 to digits 5-9 (20 samples per digit, DDIM 50, guidance 3)\n")
     table(["model", "trainable params", "adapter file", "judge agrees", "train s"], rows)
 

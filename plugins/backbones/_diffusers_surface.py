@@ -174,7 +174,9 @@ class SiteProcessor:
         context = [c for c in (f(batch) for f in self.context) if c is not None] if cross else []
         extra = [kv for kv in (s.extra_kv(batch) for s in self.sites) if kv is not None]
         if not context and not extra:
-            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+            if temb is not None:
+                kwargs["temb"] = temb
+            return self.original(attn, hidden_states, encoder_hidden_states=encoder_hidden_states, attention_mask=attention_mask, **kwargs)
         return self._attend(attn, hidden_states, encoder_hidden_states, attention_mask, temb, context, extra)
 
     def _attend(

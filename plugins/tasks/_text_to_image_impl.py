@@ -90,8 +90,8 @@ class TextToImageModel(TaskModel):
 
         A batch may carry ``timesteps`` and ``noise`` to fix them (tests, analysis).
         """
-        if self.ema is None and self.params.ema_decay > 0:
-            self._start_ema()
+        if self.ema is None and self.params.ema_decay > 0 and self.training:
+            self._start_ema()  # from the weights training starts with (or restored ones, when resuming)
         x0 = self.backbone.target(batch)
         n = x0.shape[0]
         t = batch.get("timesteps")
