@@ -13,19 +13,19 @@ from adaptkit.checkpoint import load_weights
 from adaptkit.errors import CheckpointError, PluginError, did_you_mean
 
 
-def resolve_architecture(params: Any, ctx: Any, family: tuple[str, ...]) -> tuple[str, dict[str, Any]]:
+def resolve_architecture(params: Any, ctx: Any, family: tuple[str, ...], where: str = "backbone.model") -> tuple[str, dict[str, Any]]:
     """(diffusers class name, constructor kwargs) for a ``model`` that is a preset or a class name."""
     preset = ctx.preset(params.model, params.name)
     if preset is not None:
         arch, kwargs = preset.config.get("arch"), dict(preset.config.get("kwargs") or {})
         if arch not in family:
-            raise PluginError(f"preset '{params.model}' names architecture '{arch}'; backbone '{params.name}' builds {', '.join(family)}")
+            raise PluginError(f"{where}: preset '{params.model}' names architecture '{arch}'; this needs {', '.join(family)}")
     elif params.model in family:
         arch, kwargs = params.model, {}
     else:
         known = [p.name for p in ctx.registry.presets(params.name)] + list(family)
         raise PluginError(
-            f"backbone.model: '{params.model}' is neither a {params.name} preset nor one of {', '.join(family)}"
+            f"{where}: '{params.model}' is neither a {params.name} preset nor one of {', '.join(family)}"
             f"{did_you_mean(params.model, known)}; presets: {', '.join(p.name for p in ctx.registry.presets(params.name))}"
         )
     kwargs.update(params.kwargs)
@@ -85,16 +85,22 @@ def from_hub(name: str, arch: str, subfolder: str, where: str) -> nn.Module:
             ) from None
 
 
-def load_into(module: nn.Module, path: str, native_prefix: str, required_prefixes: tuple[str, ...], where: str) -> None:
+def load_into(
+    module: nn.Module, path: str, native_prefix: str, required_prefixes: tuple[str, ...], where: str,
+    only: tuple[str, ...] | None = None,
+) -> None:
     """Load a weights file into ``module`` (a backbone), strictly for ``required_prefixes``.
 
     Accepts adaptkit checkpoints (``backbone.`` + this backbone's own names) and plain
     diffusers state dicts (the native model's names, stored here under ``native_prefix``).
+    ``only`` limits the tensors the file may hold to these name prefixes.
     """
     state = load_weights(path)
     if any(k.startswith("backbone.") for k in state):
         state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
     own = module.state_dict()
+    if only is not None:
+        own = {k: v for k, v in own.items() if k.startswith(only)}
     if not any(k in own for k in state):
         state = {native_prefix + k: v for k, v in state.items()}
     unexpected = sorted(set(state) - set(own))

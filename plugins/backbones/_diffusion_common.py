@@ -143,6 +143,10 @@ class DiffusionBackbone(Backbone):
         raise NotImplementedError
 
     # generation -------------------------------------------------------------------
+    def generation_problem(self, prompts: bool) -> str | None:
+        """Why this model cannot generate now (e.g. an untrained stage), or None."""
+        return None
+
     def generate(self, count: int, settings: SamplerSettings, generator: torch.Generator,
                  labels: torch.Tensor | None = None, prompts: list[str] | None = None,
                  images: torch.Tensor | None = None) -> torch.Tensor:

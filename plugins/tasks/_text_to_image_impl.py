@@ -273,15 +273,14 @@ class TextToImageModel(TaskModel):
         from adaptkit.images import save_grid
 
         self._preview_written = True
-        kind = self.backbone.conditioning
-        n = self.params.preview
-        if kind in ("class", "text"):
-            images, rows = self.generate(classes=self.class_names, num=n)
-            columns = n
-        elif kind == "none":
-            images, rows = self.generate(num=n * n)
-            columns = n
+        kind, n = self.backbone.conditioning, self.params.preview
+        if kind == "none":
+            images, _ = self.generate(num=n * n)
+        elif self.backbone.generation_problem(prompts=kind != "class") is not None:
+            return []  # e.g. an unclip stage whose other stage is untrained
+        elif kind == "class":
+            images, _ = self.generate(classes=self.class_names, num=n)
         else:
-            return []
-        save_grid(images, output_dir / "samples.png", columns=columns)
+            images, _ = self.generate(prompts=[self.params.caption_template.format(label=c) for c in self.class_names], num=n)
+        save_grid(images, output_dir / "samples.png", columns=n)
         return ["samples.png"]

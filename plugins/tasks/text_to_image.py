@@ -54,6 +54,6 @@ def adaptkit_tasks() -> list[TaskRecord]:
             factory=build_text_to_image,
             summary="DDPM training (eps MSE), classifier-free guidance dropout, EMA; DDPM/DDIM sampling, `adaptkit generate`",
             needs=frozenset({"denoise"}),
-            data_kinds=frozenset({"labelled_images"}),
+            data_kinds=frozenset({"labelled_images", "captioned_images"}),
         )
     ]
