@@ -217,45 +217,42 @@ class TextToImageModel(TaskModel):
         if num < 1:
             raise CompatibilityError(f"num must be at least 1, got {num}")
         settings = self.sampler_settings(steps=steps, sampler=sampler, guidance=guidance, eta=eta)
+        device = next(self.parameters()).device
+        rows, request = self._request(prompts, classes, images, num, device)
+        generator = torch.Generator().manual_seed(self.params.seed if seed is None else seed)
+        with self.ema_weights():
+            out = self.backbone.generate(len(rows) * num, settings, generator, **request)
+        return out.float().cpu(), rows
+
+    def _request(self, prompts: list[str] | None, classes: list[str] | None, images: Any, num: int,
+                 device: torch.device) -> tuple[list[str], dict[str, Any]]:
+        """One caption per condition, and the backbone's per-sample inputs (each condition ``num`` times)."""
         kind = self.backbone.conditioning
         given = [name for name, value in (("prompts", prompts), ("classes", classes), ("images", images)) if value is not None and len(value)]
         if len(given) > 1:
             raise CompatibilityError(f"give one kind of condition, not {' and '.join(given)}")
-        generator = torch.Generator().manual_seed(self.params.seed if seed is None else seed)
-        device = next(self.parameters()).device
-        request: dict[str, Any] = {}
         if kind == "none":
             if given:
                 raise CompatibilityError(f"this model is unconditional; it takes no {given[0]}")
-            rows = ["unconditional"]
-        elif kind == "class" or (kind == "text" and classes):
+            return ["unconditional"], {}
+        if given == ["images"]:
+            if kind == "class":
+                raise CompatibilityError("this model is class-conditional; it takes classes, not images")
+            if not getattr(self.backbone, "accepts_images", False):
+                raise CompatibilityError("this model is conditioned on text; image variations need an unclip backbone")
+            rows = [f"image {k}" if isinstance(images, torch.Tensor) else Path(i).name for k, i in enumerate(images)]
+            return rows, {"images": self._load_images(images).repeat_interleave(num, dim=0).to(device)}
+        if kind == "class":
             names = list(classes or prompts or [])
             if not names:
                 raise CompatibilityError(f"this model is class-conditional; give classes (one of {', '.join(self.class_names)})")
-            if images is not None and len(images):
-                raise CompatibilityError("this model is class-conditional; it takes classes, not images")
             indices = [self._class_index(name) for name in names]
-            rows = [self.class_names[i] for i in indices]
-            if kind == "class":
-                request["labels"] = self.class_ids[torch.tensor(indices)].repeat_interleave(num).to(device)
-            else:
-                request["prompts"] = [self.params.caption_template.format(label=r) for r in rows for _ in range(num)]
-        else:  # text or image conditioning (unCLIP takes either)
-            if images is not None and len(images):
-                if not getattr(self.backbone, "accepts_images", False):
-                    raise CompatibilityError("this model is conditioned on text; image variations need an unclip backbone")
-                tensors = self._load_images(images)
-                rows = [str(Path(i).name) if not isinstance(images, torch.Tensor) else f"image {k}" for k, i in enumerate(images)]
-                request["images"] = tensors.repeat_interleave(num, dim=0).to(device)
-            elif prompts:
-                rows = list(prompts)
-                request["prompts"] = [p for p in prompts for _ in range(num)]
-            else:
-                raise CompatibilityError("this model is conditioned on text; give prompts")
-        count = len(rows) * num
-        with self.ema_weights():
-            out = self.backbone.generate(count, settings, generator, **request)
-        return out.float().cpu(), rows
+            return [self.class_names[i] for i in indices], {"labels": self.class_ids[torch.tensor(indices)].repeat_interleave(num).to(device)}
+        if classes:  # a text model asked for classes: their captions
+            prompts = [self.params.caption_template.format(label=self.class_names[self._class_index(c)]) for c in classes]
+        if not prompts:
+            raise CompatibilityError("this model is conditioned on text; give prompts")
+        return list(prompts), {"prompts": [p for p in prompts for _ in range(num)]}
 
     def _load_images(self, images: list[str | Path] | torch.Tensor) -> torch.Tensor:
         if isinstance(images, torch.Tensor):
