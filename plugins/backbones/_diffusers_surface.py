@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adaptkit.sites import index_layers
+from adaptkit.sites import gated_attention, index_layers
 from adaptkit.surface import AttentionSite, BlockSite, LayerSite, PromptSource, TokenSite, Tower
 
 
@@ -123,7 +123,7 @@ def attention_site(name: str, attn: nn.Module, norm: nn.Module | None) -> Attent
     return AttentionSite(
         name, attn, attn.to_k.in_features, heads, head_dim,
         install=lambda site: processor_of(site.module).sites.append(site),
-        project_kv=_make_project_kv(attn, norm),
+        project_kv=_make_project_kv(attn, norm), supports_gate=True,
     )
 
 
@@ -173,7 +173,7 @@ class SiteProcessor:
         cross = encoder_hidden_states is not None
         context = [c for c in (f(batch) for f in self.context) if c is not None] if cross else []
         extra = [kv for kv in (s.extra_kv(batch) for s in self.sites) if kv is not None]
-        if not context and not extra:
+        if not context and not extra and not any(s.gated for s in self.sites):
             if temb is not None:
                 kwargs["temb"] = temb
             return self.original(attn, hidden_states, encoder_hidden_states=encoder_hidden_states, attention_mask=attention_mask, **kwargs)
@@ -236,6 +236,10 @@ class SiteProcessor:
                 attention_mask = _pad_mask(attention_mask, pk.shape[2], 0)
 
         hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
+        for site in self.sites:  # zero-initialised gated prefixes: their own softmax, added to the output
+            gated = gated_attention(site, query)
+            if gated is not None:
+                hidden_states = hidden_states + gated
         hidden_states = hidden_states.transpose(1, 2).reshape(batch, -1, heads * head_dim).to(query.dtype)
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
