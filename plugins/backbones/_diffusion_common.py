@@ -58,6 +58,11 @@ def concat_conditions(a: Condition, b: Condition) -> Condition:
     return {key: torch.cat([a[key], b[key]]) for key in a}
 
 
+def repeat_condition(cond: Condition, n: int) -> Condition:
+    """A one-row condition as ``n`` rows (views, no copies): the null caption is encoded once."""
+    return {key: value.expand(n, *value.shape[1:]) for key, value in cond.items()}
+
+
 def drop_conditions(cond: Condition, null: Condition, drop: torch.Tensor) -> Condition:
     """``cond`` with the rows where ``drop`` is true replaced by the null condition's."""
     out = {}
