@@ -39,6 +39,10 @@ VARIANTS = {
         "backbone": {"name": "ddpm_unet", "model": "ddpm_unet_tiny", "conditioning": "class", "num_classes": 10},
         "data": {"name": "digits"},
     },
+    "unclip_decoder": {
+        "backbone": {"name": "unclip", "stage": "decoder", "prior": {"model": "unclip_prior_tiny"}, "decoder": {"model": "unclip_decoder_tiny"}},
+        "data": {"name": "digits"},
+    },
 }
 METHODS = {
     "lora_conv": {"name": "lora", "rank": 2, "targets": ["attn.q", "attn.v", "conv", "time"]},

@@ -12,7 +12,7 @@ from adaptkit.errors import CompatibilityError, PluginError
 from adaptkit.surface import LayerSite, Surface
 from adaptkit_plugins.backbones import _diffusers_weights as weights
 from adaptkit_plugins.backbones._diffusers_surface import ContextTokenSite, diffusers_tower
-from adaptkit_plugins.backbones._diffusion_common import Condition, DiffusionBackbone
+from adaptkit_plugins.backbones._diffusion_common import Condition, DiffusionBackbone, repeat_condition
 from adaptkit_plugins.backbones._text_conditioning import TextConditioner
 from adaptkit_plugins.backbones._timm_common import is_local_path
 from adaptkit_plugins.backbones.ddpm_unet import ARCHITECTURES
@@ -118,7 +118,7 @@ class DdpmUnetBackbone(DiffusionBackbone):
         if self.conditioning == "class":
             return {"labels": torch.full((n,), self.num_classes, dtype=torch.long, device=self.unet.device)}
         if self.conditioning == "text":
-            return self.text.encode([""] * n)
+            return repeat_condition(self.text.encode([""]), n)
         return {}
 
     # ------------------------------------------------------------------ surface

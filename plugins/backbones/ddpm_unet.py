@@ -14,7 +14,7 @@ from pydantic import Field, model_validator
 from adaptkit.hookspecs import hookimpl
 from adaptkit.params import ComponentParams
 from adaptkit.records import BackboneRecord, TowerInfo
-from adaptkit_plugins.backbones.diffusion_params import NoiseSchedule, architecture_of
+from adaptkit_plugins.backbones.diffusion_params import NoiseSchedule, architecture_of, clip_towers, validate_clip_spec
 
 ARCHITECTURES = ("UNet2DModel", "UNet2DConditionModel")
 
@@ -55,6 +55,8 @@ class DdpmUnetParams(ComponentParams):
             raise ValueError("conditioning: text needs text_encoder (a clip backbone, e.g. {model: clip_tiny_digits})")
         if self.conditioning != "text" and self.text_encoder:
             raise ValueError("text_encoder only applies to conditioning: text")
+        if self.text_encoder:
+            validate_clip_spec(self.text_encoder, "text_encoder")
         return self
 
 
@@ -68,29 +70,11 @@ def unet_tower_info(arch: str | None, conditioning: str) -> TowerInfo:
     return TowerInfo(sites=frozenset(sites), roles=frozenset(roles), modality="image")
 
 
-def text_tower_info(text_encoder: dict[str, Any] | None) -> dict[str, TowerInfo]:
-    """The ``text`` tower of the clip backbone a text-conditioned denoiser uses, if any."""
-    if not text_encoder:
-        return {}
-    from adaptkit.registry import registry
-
-    reg = registry()
-    if "clip" not in reg.names("backbone"):
-        return {}
-    record = reg.get("backbone", "clip")
-    try:
-        params = record.params.model_validate({"name": "clip", **text_encoder})
-    except Exception:  # reported when the backbone is built
-        return {}
-    towers = record.towers_for(params)
-    return {"text": towers["text"]} if "text" in towers else {}
-
-
 def ddpm_unet_towers(params: DdpmUnetParams) -> dict[str, TowerInfo]:
     arch = architecture_of(params.model, ARCHITECTURES)
     if params.conditioning == "text":
         arch = "UNet2DConditionModel"
-    return {"unet": unet_tower_info(arch, params.conditioning), **text_tower_info(params.text_encoder)}
+    return {"unet": unet_tower_info(arch, params.conditioning), **clip_towers(params.text_encoder, ("text",))}
 
 
 def build_ddpm_unet(params: DdpmUnetParams, ctx: Any) -> Any:
@@ -110,10 +94,13 @@ def adaptkit_backbones() -> list[BackboneRecord]:
             "presets ddpm_unet_8, ddpm_unet_16, ddpm_unet_32, ddpm_unet_cross_8",
             towers=ddpm_unet_towers,
             capabilities=frozenset({"denoise"}),
+            # the richest surface: cross-attention, context tokens and a CLIP text tower (class-conditional
+            # UNet2DModels are covered by tests/test_diffusion_methods.py)
             example={
-                "backbone": {"name": "ddpm_unet", "model": "ddpm_unet_tiny", "conditioning": "class", "num_classes": 10},
+                "backbone": {"name": "ddpm_unet", "model": "ddpm_unet_cross_tiny", "conditioning": "text",
+                             "text_encoder": {"model": "clip_tiny_digits"}},
                 "task": {"name": "text_to_image", "preview": 0},
-                "data": {"name": "digits"},
+                "data": {"name": "digits_captions"},
             },
         )
     ]

@@ -54,3 +54,41 @@ def architecture_of(model: str, family: tuple[str, ...]) -> str | None:
         return None
     arch = preset.config.get("arch")
     return str(arch) if arch in family else None
+
+
+def validate_clip_spec(value: dict[str, Any], field: str) -> dict[str, Any]:
+    """Check a nested ``clip`` backbone spec (``{model: clip_tiny_digits, ...}``) with the clip plugin's params."""
+    from pydantic import ValidationError
+
+    from adaptkit.registry import registry
+    from adaptkit.spec import validation_problems
+
+    reg = registry()
+    if "clip" not in reg.names("backbone"):
+        raise ValueError(f"{field} needs the 'clip' backbone, which is not registered")
+    if value.get("name", "clip") != "clip":
+        raise ValueError(f"{field}.name: must be clip, got {value['name']!r}")
+    record = reg.get("backbone", "clip")
+    try:
+        record.params.model_validate({**value, "name": "clip"})
+    except ValidationError as exc:
+        raise ValueError("; ".join(validation_problems(exc, record.params, (field,)))) from None
+    return {k: v for k, v in value.items() if k != "name"}
+
+
+def clip_towers(value: dict[str, Any] | None, wanted: tuple[str, ...]) -> dict[str, Any]:
+    """The ``wanted`` towers (TowerInfo) of a nested clip spec, for static checks; {} if clip is absent."""
+    if not value:
+        return {}
+    from adaptkit.registry import registry
+
+    reg = registry()
+    if "clip" not in reg.names("backbone"):
+        return {}
+    record = reg.get("backbone", "clip")
+    try:
+        params = record.params.model_validate({**value, "name": "clip"})
+    except Exception:  # reported by the params validator
+        return {}
+    towers = record.towers_for(params)
+    return {name: towers[name] for name in wanted if name in towers}
