@@ -287,6 +287,9 @@ def test_pretrained_from_a_diffusers_directory_and_from_a_weights_file(tmp_path)
     for pretrained in (tmp_path / "unet_dir", tmp_path / "unet.safetensors"):
         loaded = built(tmp_path, backbone={**UNCOND, "pretrained": str(pretrained)}).backbone.unet
         assert all(torch.equal(a, b) for a, b in zip(source.state_dict().values(), loaded.state_dict().values()))
+    # a saved unconditional UNet cannot serve a class-conditional spec
+    with pytest.raises(adaptkit.CompatibilityError, match="0 class embeddings"):
+        built(tmp_path, backbone={**CLASS, "pretrained": str(tmp_path / "unet_dir")})
 
 
 def test_an_adapter_file_is_not_a_base_model(trained_run, tmp_path):

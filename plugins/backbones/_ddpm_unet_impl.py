@@ -48,13 +48,7 @@ class DdpmUnetBackbone(DiffusionBackbone):
     @classmethod
     def create(cls, params: Any, ctx: Any) -> "DdpmUnetBackbone":
         arch, kwargs = weights.resolve_architecture(params, ctx, ARCHITECTURES)
-        if params.conditioning == "text" and arch != "UNet2DConditionModel":
-            raise PluginError(
-                f"backbone.model: conditioning: text needs a cross-attention UNet (UNet2DConditionModel, e.g. preset "
-                f"ddpm_unet_cross_8); '{params.model}' is a {arch}"
-            )
-        if params.conditioning == "none" and arch == "UNet2DConditionModel":
-            raise PluginError(f"backbone.conditioning: '{params.model}' is a cross-attention UNet; condition it on class or text")
+        _check_architecture(arch, params)
         if params.sample_size is not None:
             kwargs["sample_size"] = params.sample_size
         if params.in_channels is not None:
@@ -62,29 +56,24 @@ class DdpmUnetBackbone(DiffusionBackbone):
         text = TextConditioner.create(params.text_encoder, ctx) if params.conditioning == "text" else None
         if text is not None:
             kwargs["cross_attention_dim"] = text.width
-        if params.conditioning == "class" and arch == "UNet2DModel":
-            kwargs["num_class_embeds"] = params.num_classes + 1
-
-        unet = None
-        pretrained = params.pretrained
-        if pretrained and is_local_path(pretrained):
-            folder = weights.is_diffusers_directory(Path(pretrained), "unet")
-            if folder is not None:
-                unet = weights.from_directory(folder, ARCHITECTURES, WHERE)
-        elif pretrained:
-            unet = weights.from_hub(pretrained, arch, "unet", WHERE)
-        if unet is None:
-            unet = weights.construct(arch, kwargs, "backbone")
         num_classes = params.num_classes or 0
-        if unet is not None and params.conditioning == "class" and type(unet).__name__ == "UNet2DModel":
-            rows = unet.config.num_class_embeds
-            if rows != num_classes + 1:
-                raise CompatibilityError(
-                    f"backbone.num_classes: the UNet has {rows or 0} class embeddings; a model for {num_classes} classes "
-                    f"needs {num_classes + 1} (one per class plus the null class)"
-                )
+        if params.conditioning == "class" and arch == "UNet2DModel":
+            kwargs["num_class_embeds"] = num_classes + 1
+
+        pretrained = params.pretrained
+        local = bool(pretrained) and is_local_path(pretrained)
+        folder = weights.is_diffusers_directory(Path(pretrained), "unet") if local else None
+        if folder is not None:
+            unet = weights.from_directory(folder, ARCHITECTURES, WHERE)
+        elif pretrained and not local:
+            unet = weights.from_hub(pretrained, arch, "unet", WHERE)
+        else:
+            unet = weights.construct(arch, kwargs, "backbone")
+        if folder is not None or (pretrained and not local):  # a saved model: check it fits the conditioning
+            _check_architecture(type(unet).__name__, params)
+            _check_loaded(unet, params, num_classes, text)
         backbone = cls(unet, params.conditioning, num_classes, params.noise_schedule.scheduler_config(), text)
-        if pretrained and is_local_path(pretrained) and weights.is_diffusers_directory(Path(pretrained), "unet") is None:
+        if local and folder is None:
             weights.load_into(backbone, pretrained, "unet.", ("unet.", "class_context."), WHERE)
         return backbone
 
@@ -149,3 +138,27 @@ class DdpmUnetBackbone(DiffusionBackbone):
     def native_state_dict(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """diffusers' own names for the UNet's tensors (what UNet2DModel.load_state_dict expects)."""
         return {k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")}
+
+
+def _check_architecture(arch: str, params: Any) -> None:
+    if params.conditioning == "text" and arch != "UNet2DConditionModel":
+        raise PluginError(
+            f"backbone.model: conditioning: text needs a cross-attention UNet (UNet2DConditionModel, e.g. preset "
+            f"ddpm_unet_cross_8); '{params.model}' is a {arch}"
+        )
+    if params.conditioning == "none" and arch == "UNet2DConditionModel":
+        raise PluginError(f"backbone.conditioning: '{params.model}' is a cross-attention UNet; condition it on class or text")
+
+
+def _check_loaded(unet: nn.Module, params: Any, num_classes: int, text: TextConditioner | None) -> None:
+    """A UNet loaded from a directory or the hub must match the spec's conditioning."""
+    config = unet.config
+    if params.conditioning == "class" and type(unet).__name__ == "UNet2DModel" and config.num_class_embeds != num_classes + 1:
+        raise CompatibilityError(
+            f"backbone.num_classes: the UNet has {config.num_class_embeds or 0} class embeddings; a model for "
+            f"{num_classes} classes needs {num_classes + 1} (one per class plus the null class)"
+        )
+    if text is not None and config.cross_attention_dim != text.width:
+        raise CompatibilityError(
+            f"backbone.text_encoder: the UNet attends to {config.cross_attention_dim}-d context, the text tower gives {text.width}-d tokens"
+        )
