@@ -264,6 +264,12 @@ def test_bad_backbone_specs_fail_validation(tmp_path, backbone, message):
         adaptkit.load_spec(diffusion_spec(tmp_path, backbone=backbone))
 
 
+@pytest.mark.parametrize("template", ["a digit {}", "a digit {name}", "a digit"])
+def test_a_caption_template_needs_its_label(tmp_path, template):
+    with pytest.raises(SpecError, match=r"task.caption_template: .*\{label\}"):
+        adaptkit.load_spec(diffusion_spec(tmp_path, task={"caption_template": template}))
+
+
 def test_bad_builds_say_what_is_wrong(tmp_path):
     with pytest.raises(DataError, match="num_classes 5"):
         built(tmp_path, backbone={**CLASS, "num_classes": 5})

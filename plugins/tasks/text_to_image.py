@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from adaptkit.hookspecs import hookimpl
 from adaptkit.params import ComponentParams
@@ -37,6 +37,17 @@ class TextToImageParams(ComponentParams):
     clip_sample: bool = Field(False, description="clip x0 to [-1, 1] each step (diffusers' default; ruins guidance >= 2)")
     preview: int = Field(4, ge=0, description="samples per class in samples.png after training (0: none)")
     seed: int = Field(0, description="seed of the preview samples")
+
+    @field_validator("caption_template")
+    @classmethod
+    def _template(cls, value: str) -> str:
+        try:
+            filled = value.format(label="\0")
+        except (KeyError, IndexError, ValueError):
+            raise ValueError("write the class name as {label} and no other braces, e.g. 'a handwritten digit {label}'") from None
+        if "\0" not in filled:
+            raise ValueError("the template must contain {label}, e.g. 'a handwritten digit {label}'")
+        return value
 
 
 def build_text_to_image(params: TextToImageParams, backbone: Any, data_info: Any, ctx: Any) -> Any:
