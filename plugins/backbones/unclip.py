@@ -28,7 +28,7 @@ class PriorSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field("unclip_prior_tiny", description="an unclip prior preset (arch PriorTransformer) from registry.yaml")
+    model: str = Field("unclip_prior_small", description="an unclip prior preset (arch PriorTransformer) from registry.yaml")
     pretrained: str | None = Field(None, description="a prior run's adapter.safetensors, a diffusers directory or a weights file")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="further PriorTransformer arguments")
     noise_schedule: NoiseSchedule = Field(default_factory=NoiseSchedule)
@@ -93,7 +93,8 @@ def adaptkit_backbones() -> list[BackboneRecord]:
             towers=unclip_towers,
             capabilities=frozenset({"denoise"}),
             example={
-                "backbone": {"name": "unclip", "stage": "prior", "prior": {"model": "unclip_prior_tiny"}},
+                "backbone": {"name": "unclip", "stage": "prior", "prior": {"model": "unclip_prior_tiny"},
+                             "decoder": {"model": "unclip_decoder_tiny"}},
                 "task": {"name": "text_to_image", "preview": 0},
                 "data": {"name": "digits_captions"},
             },
