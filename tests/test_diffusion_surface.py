@@ -145,3 +145,15 @@ def test_lora_refuses_the_class_embedding_table_but_full_trains_it():
         build(PLAIN, [{"name": "lora", "targets": ["class_embed"]}])
     model = build(PLAIN, [{"name": "full", "targets": ["class_embed"]}])
     assert [n for n, p in model.named_parameters() if p.requires_grad] == ["backbone.unet.class_embedding.weight"]
+
+
+@pytest.mark.parametrize("preset", [p.name for p in adaptkit.registry().presets("ddpm_unet")])
+def test_every_preset_builds_and_predicts_noise_of_its_image_shape(preset):
+    cross = "cross" in preset
+    backbone = {"name": "ddpm_unet", "model": preset, "conditioning": "class", "num_classes": 10}
+    model = build(backbone)
+    unet = model.backbone
+    x = torch.randn(1, *unet.sample_shape, generator=torch.Generator().manual_seed(0))
+    eps = unet.predict_noise(x, torch.tensor([500]), {"labels": torch.tensor([3])})
+    assert eps.shape == x.shape and torch.isfinite(eps).all()
+    assert (type(unet.unet).__name__ == "UNet2DConditionModel") == cross
