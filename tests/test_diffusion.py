@@ -233,6 +233,15 @@ def test_generate_cli_rejects_bad_input(trained_run, tmp_path, capsys, args, mes
     assert message in err and "Traceback" not in err
 
 
+def test_generate_cli_samples_from_a_yaml_spec_too(tmp_path):
+    import yaml
+
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(diffusion_spec(tmp_path, backbone=UNCOND)))
+    assert cli(["generate", str(spec_file), "--num", "2", "--steps", "1", "--out", str(tmp_path / "g.png"), "task.preview=0"]) == 0
+    assert len(list((tmp_path / "g").glob("*.png"))) == 2
+
+
 def test_generate_cli_rejects_a_missing_or_unfinished_run(tmp_path, capsys):
     assert cli(["generate", str(tmp_path / "nowhere")]) == 2
     assert "no such run directory" in capsys.readouterr().err
