@@ -34,6 +34,9 @@ class TaskModel(nn.Module):
 
     #: the metric the progress bar and curves follow (higher is better unless it ends in "loss")
     primary_metric: str = "loss"
+    #: under DDP, tolerate trainable parameters that a step leaves without gradient (a
+    #: method may unfreeze a whole tower whose model holds parameters its forward never uses)
+    ddp_find_unused_parameters: bool = False
 
     def __init__(self, backbone: Backbone) -> None:
         super().__init__()

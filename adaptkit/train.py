@@ -139,7 +139,8 @@ class Trainer:
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel
 
-            engine = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            engine = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                                             find_unused_parameters=model.ddp_find_unused_parameters)
 
         train_set: BatchDataset = self.data.train
         n, batch_size, accum = len(train_set), self.cfg.batch_size, self.cfg.grad_accum

@@ -167,3 +167,23 @@ def test_a_stage_file_of_the_wrong_stage_is_refused(stage_runs, tmp_path):
     prior_run, _ = stage_runs
     with pytest.raises(CheckpointError, match="backbone.decoder.pretrained"):
         built(tmp_path, unclip("prior", decoder={"pretrained": str(prior_run.output_dir / "adapter.safetensors")}))
+
+
+@pytest.mark.slow
+def test_ddp_trains_a_stage_whose_model_holds_unused_parameters(tmp_path):
+    """PriorTransformer's clip_mean / clip_std never take part in a step: DDP must tolerate them."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    ddp = spec(tmp_path, unclip("prior"), [{"name": "full", "tower": "prior"}], max_steps=2)
+    path = tmp_path / "ddp.yaml"
+    path.write_text(yaml.safe_dump(ddp))
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29547", "-m", "adaptkit.cli", "run", str(path)],
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert "x2" in done.stdout and (tmp_path / "run" / "adapter.safetensors").exists()

@@ -28,6 +28,9 @@ class TextToImageModel(TaskModel):
     """Trains a diffusion backbone's denoiser; generates with its EMA weights."""
 
     primary_metric = "loss"
+    # diffusers' PriorTransformer holds clip_mean / clip_std, and a CLIP text tower its logit scale:
+    # parameters a `full` method unfreezes that no denoising step uses
+    ddp_find_unused_parameters = True
 
     def __init__(self, backbone: Any, params: Any, class_names: list[str], class_ids: list[int]) -> None:
         super().__init__(backbone)
@@ -94,15 +97,18 @@ class TextToImageModel(TaskModel):
             self._start_ema()  # from the weights training starts with (or restored ones, when resuming)
         x0 = self.backbone.target(batch)
         n = x0.shape[0]
+        # every process draws for all of them and keeps its own row: the random stream stays the
+        # same on every process (as the trainer assumes) while the noise differs between them
+        world, rank = _world()
         t = batch.get("timesteps")
         if t is None:
-            t = torch.randint(0, self.num_timesteps, (n,)).to(x0.device)
+            t = torch.randint(0, self.num_timesteps, (world, n))[rank].to(x0.device)
         noise = batch.get("noise")
         if noise is None:
-            noise = torch.randn(x0.shape).to(x0.device, x0.dtype)
+            noise = torch.randn(world, *x0.shape)[rank].to(x0.device, x0.dtype)
         cond = self._batch_condition(batch)
         if cond and self.params.condition_dropout > 0:
-            cond = self.drop_condition(cond, torch.rand(n) < self.params.condition_dropout)
+            cond = self.drop_condition(cond, torch.rand(world, n)[rank] < self.params.condition_dropout)
         return StepOutput(self.diffusion_loss(x0, cond, t, noise), n)
 
     @torch.no_grad()
@@ -281,3 +287,12 @@ class TextToImageModel(TaskModel):
             images, _ = self.generate(prompts=[self.params.caption_template.format(label=c) for c in self.class_names], num=n)
         save_grid(images, output_dir / "samples.png", columns=n)
         return ["samples.png"]
+
+
+def _world() -> tuple[int, int]:
+    """(processes, this process's rank) under torch.distributed; (1, 0) otherwise."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
