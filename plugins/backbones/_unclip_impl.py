@@ -54,8 +54,9 @@ class UnclipBackbone(DiffusionBackbone):
     """CLIP + prior + decoder (see plugins/backbones/unclip.py).
 
     Embeddings enter both denoisers L2-normalised and scaled by sqrt(dim), so each of
-    their coordinates has unit variance, as the noise has. The CLIP stays frozen: the
-    prior learns the embedding space the decoder is conditioned on.
+    their coordinates has unit variance, as the noise has. The CLIP's image side stays
+    frozen (both stages live in its embedding space); in the prior stage its text tower is
+    on the surface, so a method may adapt how captions are read (``tower: text``).
     """
 
     accepts_images = True

@@ -55,7 +55,8 @@ class UnclipParams(ComponentParams):
     name: Literal["unclip"] = "unclip"
     clip: dict[str, Any] = Field(
         default_factory=lambda: {"model": "clip_tiny_digits"},
-        description="the clip backbone (usually pretrained: a contrastive run's adapter.safetensors); it stays frozen",
+        description="the clip backbone (usually pretrained: a contrastive run's adapter.safetensors); frozen, "
+        "except its text tower where a prior-stage method adapts it",
     )
     stage: Literal["prior", "decoder"] = Field("prior", description="which stage this run trains")
     prior: PriorSpec = Field(default_factory=PriorSpec)
