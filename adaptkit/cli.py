@@ -21,6 +21,7 @@ COMMANDS = [
     "schema",
     "runs",
     "report",
+    "generate",
     "classify",
 ]
 

@@ -32,6 +32,8 @@ def require(
             return require("lora", backbone, towers, params.tower, "layers", params.targets)
     """
     names = tower_names(tower, towers)
+    if names == []:
+        return [f"method '{method}': tower is an empty list; name towers of backbone '{backbone}' ({', '.join(towers) or 'none'}) or 'all'"]
     if names is None:
         return [f"method '{method}': backbone '{backbone}' has no tower '{tower}'; towers: {', '.join(towers) or 'none'}"]
     sites = [site] if isinstance(site, str) else list(site)

@@ -171,3 +171,32 @@ def run(spec: RunSpec | dict[str, Any] | str | Path, overrides: list[str] | None
                "trainable_percent": 100 * trainable / max(1, total)}
     return RunResult(metrics=metrics, output_dir=out, files=files, model=model)
 
+
+
+def load_run(path: str | Path, overrides: list[str] | None = None, device: str = "cpu") -> Any:
+    """The trained model of a run directory (its spec.yaml plus adapter.safetensors), or
+    the untrained model of a YAML spec (e.g. one whose backbone is pretrained).
+
+    Example::
+
+        model = adaptkit.runner.load_run("runs/ddpm_digits")
+    """
+    from adaptkit.builder import build
+    from adaptkit.checkpoint import load_adapter
+    from adaptkit.distributed import resolve_device
+
+    path = Path(path)
+    if path.is_dir():
+        spec_file, adapter = path / "spec.yaml", path / "adapter.safetensors"
+        if not spec_file.is_file():
+            raise RunError(f"{path}: not a run directory (it has no spec.yaml); give a run directory or a YAML spec")
+        if not adapter.is_file():
+            raise RunError(f"{path}: the run has no adapter.safetensors yet; has it finished?")
+        model = build(load_spec(spec_file, overrides))
+        load_adapter(model, adapter)
+    elif path.is_file():
+        model = build(load_spec(path, overrides))
+    else:
+        raise RunError(f"{path}: no such run directory or spec file")
+    model.eval()
+    return model.to(resolve_device(device))

@@ -34,6 +34,9 @@ class TaskModel(nn.Module):
 
     #: the metric the progress bar and curves follow (higher is better unless it ends in "loss")
     primary_metric: str = "loss"
+    #: under DDP, tolerate trainable parameters that a step leaves without gradient (a
+    #: method may unfreeze a whole tower whose model holds parameters its forward never uses)
+    ddp_find_unused_parameters: bool = False
 
     def __init__(self, backbone: Backbone) -> None:
         super().__init__()
@@ -62,6 +65,27 @@ class TaskModel(nn.Module):
     @torch.no_grad()
     def evaluate(self, batches: Iterable[dict[str, Any]]) -> dict[str, Any]:  # pragma: no cover - interface
         raise NotImplementedError
+
+    # -- training-loop hooks (all optional; the defaults do nothing) -------------
+    def after_optimizer_step(self, step: int) -> None:
+        """Called by the trainer after every optimizer step; ``step`` counts from 1.
+
+        A task that keeps running averages of its weights (EMA) updates them here.
+        """
+
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        """Tensors besides the trainable parameters that a resumed run needs (EMA weights)."""
+        return {}
+
+    def load_extra_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore what :meth:`extra_state` returned (called when a run resumes)."""
+
+    def finish_training(self) -> None:
+        """Called once after the last optimizer step, before the final evaluation and save.
+
+        A task with EMA weights copies them into the trained parameters here, so the
+        final metrics and the saved adapter file are those of the averaged model.
+        """
 
     def write_artifacts(self, metrics: dict[str, Any], output_dir: Path, split: str) -> list[str]:
         """Write task-specific files (confusion matrix, samples); return their names."""

@@ -139,7 +139,8 @@ class Trainer:
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel
 
-            engine = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            engine = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                                             find_unused_parameters=model.ddp_find_unused_parameters)
 
         train_set: BatchDataset = self.data.train
         n, batch_size, accum = len(train_set), self.cfg.batch_size, self.cfg.grad_accum
@@ -182,6 +183,7 @@ class Trainer:
                 torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            model.after_optimizer_step(step + 1)
             local_count = sum(len(m) for m in micro_batches)
             loss_sum += step_loss
             loss_count += local_count
@@ -215,6 +217,7 @@ class Trainer:
                     self._save_state(optimizer, done, result.history, loss_sum, loss_count, elapsed + time.perf_counter() - started)
         if bar is not None:
             bar.close()
+        model.finish_training()
         result.steps = self.total_steps
         result.seconds = elapsed + time.perf_counter() - started
         return result
@@ -242,6 +245,7 @@ class Trainer:
             for key, value in state.items():
                 if isinstance(value, torch.Tensor):
                     tensors[f"optim.{index_of[id(p)]}.{key}"] = value.reshape(value.shape) if value.ndim else value.reshape(1)
+        tensors.update({f"task.{name}": t for name, t in self.model.extra_state().items()})
         tensors["rng.torch"] = torch.get_rng_state()
         if torch.cuda.is_available() and self.device.type == "cuda":
             tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
@@ -281,6 +285,9 @@ class Trainer:
                     state[key] = saved.reshape(()) if key == "step" else saved.to(self.device)
             if state:
                 optimizer.state[p] = state
+        extra = {name[len("task."):]: t.to(self.device) for name, t in tensors.items() if name.startswith("task.")}
+        if extra:
+            self.model.load_extra_state(extra)
         torch.set_rng_state(tensors["rng.torch"])
         if "rng.cuda" in tensors and self.device.type == "cuda":
             torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)

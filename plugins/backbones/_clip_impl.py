@@ -292,6 +292,10 @@ class ClipBackbone(Backbone):
         return torch.full((ids.shape[0],), fixed, dtype=torch.long, device=ids.device)
 
     def _encode_ids(self, ids: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        return self._encode_ids_with_states(ids, normalize)[0]
+
+    def _encode_ids_with_states(self, ids: torch.Tensor, normalize: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(pooled features, every token's final state (n, L, width), the pooled position of each row)."""
         text = self._text
         if ids.dim() != 2 or ids.shape[1] != self.context_length:
             raise DataError(f"token ids must be (n, {self.context_length}), got {tuple(ids.shape)}")
@@ -306,7 +310,22 @@ class ClipBackbone(Backbone):
         projection = text.text_projection
         if projection is not None:
             pooled = projection(pooled) if isinstance(projection, nn.Linear) else pooled @ projection
-        return F.normalize(pooled, dim=-1) if normalize else pooled
+        return (F.normalize(pooled, dim=-1) if normalize else pooled), x, index
+
+    def encode_text_tokens(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Features of every token, for models that attend to the text (diffusion conditioning).
+
+        Returns the pooled text features (n, feature_dim), the final token states
+        (n, context_length, width) and a mask (n, context_length) that is true up to and
+        including each text's pooled (end) token. Strings pass through the text site;
+        of a template ensemble, a text's first variant is used.
+        """
+        if isinstance(texts, str):
+            raise DataError("encode_text_tokens takes a list of texts, not one string")
+        ids = self._tokenize_raw([self.text_site.expand(t)[0] for t in texts])
+        pooled, states, index = self._encode_ids_with_states(ids)
+        positions = torch.arange(states.shape[1], device=states.device)
+        return pooled, states, positions[None, :] <= index[:, None]
 
     @property
     def logit_scale(self) -> torch.Tensor:

@@ -1,0 +1,229 @@
+"""Diffusion benchmark: sample quality judged by a digits classifier, and sampling speed vs diffusers.
+
+    python benchmarks/diffusion.py                       # every section (several minutes on 2 CPU cores)
+    python benchmarks/diffusion.py --only classcond      # one section: classcond, transfer, unclip, speed
+
+Sections:
+- classcond: examples/ddpm_digits.yaml trained here; the share of samples a judge classifies
+  as the requested digit (20 per digit, DDIM 50 steps, guidance 3; several guidance scales).
+- transfer: a DDPM pretrained on digits 0-4 (examples/ddpm_digits_0_4.yaml) asked for 5-9
+  before and after adaptation to 5-9 (LoRA: examples/ddpm_lora_digits_5_9.yaml; full fine-tuning).
+- unclip: prompts "a handwritten digit seven" through text -> prior -> decoder.
+- speed: our DDIM loop against diffusers' DDIMPipeline with the same UNet, seed and steps.
+
+The judge is LogisticRegression(C=1, max_iter=5000) on the 64 raw pixels of the digits'
+training split (about 96% test accuracy on real digits), fed generated images as (x + 1) * 8.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+def judge() -> Any:
+    """A digits classifier trained on the real digits' training split (the split adaptkit uses)."""
+    from sklearn.datasets import load_digits
+    from sklearn.linear_model import LogisticRegression
+
+    from adaptkit_plugins.data._images import stratified_split
+
+    digits = load_digits()
+    train, _, test = stratified_split(digits.target, (0.7, 0.15, 0.15), 0)
+    model = LogisticRegression(C=1, max_iter=5000).fit(digits.data[train], digits.target[train])
+    judge.accuracy = float(model.score(digits.data[test], digits.target[test]))
+    return model
+
+
+def agreement(classifier: Any, images: torch.Tensor, wanted: list[int]) -> tuple[float, dict[int, float]]:
+    """Share of images the judge labels as the wanted digit, overall and per digit."""
+    pixels = ((images.clamp(-1, 1) + 1) * 8).reshape(len(images), -1).numpy()
+    predicted = classifier.predict(pixels)
+    wanted_array = np.asarray(wanted)
+    hits = predicted == wanted_array
+    per = {d: float(hits[wanted_array == d].mean()) for d in sorted(set(wanted))}
+    return float(hits.mean()), per
+
+
+def run_example(name: str, out: Path, overrides: list[str] = (), run_name: str | None = None) -> Any:
+    import adaptkit
+
+    spec = adaptkit.load_spec(EXAMPLES / f"{name}.yaml", [f"output.dir={out / (run_name or name)}", "train.progress=false", *overrides])
+    started = time.perf_counter()
+    result = adaptkit.run(spec, log=lambda *_: None)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def sample_digits(model: Any, digits: list[int], per_digit: int, guidance: float, seed: int = 0) -> tuple[torch.Tensor, list[int]]:
+    names = [str(d) for d in digits]
+    images, _ = model.generate(classes=names, num=per_digit, guidance=guidance, seed=seed, steps=50, sampler="ddim")
+    return images, [d for d in digits for _ in range(per_digit)]
+
+
+def table(headers: list[str], rows: list[list[Any]]) -> None:
+    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) for i, h in enumerate(headers)]
+    print("| " + " | ".join(str(h).ljust(w) for h, w in zip(headers, widths)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for row in rows:
+        print("| " + " | ".join(str(v).ljust(w) for v, w in zip(row, widths)) + " |")
+    print()
+
+
+# ----------------------------------------------------------------------------- sections
+def classcond(work: Path, classifier: Any) -> None:
+    result = run_example("ddpm_digits", work)
+    model = result.model.eval()
+    rows = []
+    for guidance in (1.0, 3.0):
+        started = time.perf_counter()
+        images, wanted = sample_digits(model, list(range(10)), 20, guidance)
+        seconds = time.perf_counter() - started
+        rate, per = agreement(classifier, images, wanted)
+        rows.append([f"{guidance:g}", f"{100 * rate:.1f}%", " ".join(f"{d}:{100 * v:.0f}" for d, v in per.items()), f"{seconds:.1f}"])
+    print(f"## Class-conditional DDPM on digits (ddpm_unet_8, {result.metrics['trainable_params']:,} params, "
+          f"400 steps x 128, trained in {result.seconds:.0f} s; judge test accuracy {100 * judge.accuracy:.1f}%)\n")
+    table(["guidance", "judge agrees", "per digit (%)", "sampling 200 images (s)"], rows)
+
+
+def transfer(work: Path, classifier: Any) -> None:
+    import adaptkit
+
+    base = run_example("ddpm_digits_0_4", work)
+    pretrained = str(work / "ddpm_digits_0_4" / "adapter.safetensors")
+    new = list(range(5, 10))
+    rows = []
+    base_model = base.model.eval()
+    images, wanted = sample_digits(base_model, list(range(5)), 20, 3.0)
+    rate, _ = agreement(classifier, images, wanted)
+    rows.append(["pretrained on 0-4, asked for 0-4", "-", "-", f"{100 * rate:.1f}%", f"{base.seconds:.0f}"])
+    # the same base asked for 5-9 through its (untrained) class rows 5-9: the adaptation spec without methods
+    unadapted = adaptkit.build(adaptkit.load_spec(EXAMPLES / "ddpm_lora_digits_5_9.yaml", [f"backbone.pretrained={pretrained}", "methods=[]"]))
+    images, wanted = sample_digits(unadapted.eval(), new, 20, 3.0)
+    rate, _ = agreement(classifier, images, wanted)
+    rows.append(["pretrained on 0-4, asked for 5-9 (no adaptation)", "0", "0", f"{100 * rate:.1f}%", "-"])
+    variants = [
+        ("LoRA r=4 (attn, conv, time) + class rows", "lora", []),
+        ("full fine-tuning", "full", ["methods=[{name: full}]", "train.lr=1e-3", "train.weight_decay=0.01"]),
+    ]
+    for label, run_name, overrides in variants:
+        result = run_example("ddpm_lora_digits_5_9", work, [f"backbone.pretrained={pretrained}", *overrides], run_name)
+        model = result.model.eval()
+        images, wanted = sample_digits(model, new, 20, 3.0)
+        rate, _ = agreement(classifier, images, wanted)
+        adapter = Path(result.output_dir) / "adapter.safetensors"
+        rows.append([label, f"{result.metrics['trainable_params']:,} ({result.metrics['trainable_percent']:.1f}%)",
+                     f"{adapter.stat().st_size / 1024:.0f} KB", f"{100 * rate:.1f}%", f"{result.seconds:.0f}"])
+        print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
+    print("## Adapting a DDPM pretrained on digits 0-4 to digits 5-9 (20 samples per digit, DDIM 50, guidance 3)\n")
+    table(["model", "trainable params", "adapter file", "judge agrees", "train s"], rows)
+
+
+def unclip(work: Path, classifier: Any) -> None:
+    clip = run_example("clip_pretrain_digits", work)
+    clip_weights = work / "clip_pretrain_digits" / "adapter.safetensors"
+    prior = run_example("unclip_prior_digits", work, [f"backbone.clip.pretrained={clip_weights}"])
+    prior_weights = work / "unclip_prior_digits" / "adapter.safetensors"
+    decoder = run_example("unclip_decoder_digits", work, [f"backbone.clip.pretrained={clip_weights}",
+                                                          f"backbone.prior.pretrained={prior_weights}"])
+    model = decoder.model.eval()
+    per_digit = 20
+    wanted = [d for d in range(10) for _ in range(per_digit)]
+    rows = []
+    unseen, seen = "a handwritten digit {word}", "the number {word}, written by hand."
+    backbone = model.backbone
+    guided = backbone.prior_settings
+    for label, wording, prior_guidance in ((f"{unseen} (wording not seen in training)", unseen, guided.guidance),
+                                           (f"{seen} (a training wording)", seen, guided.guidance),
+                                           (f"{unseen}, prior guidance 1", unseen, 1.0),
+                                           (f"{seen}, prior guidance 1", seen, 1.0)):
+        backbone.prior_settings = replace(guided, guidance=prior_guidance)
+        started = time.perf_counter()
+        images, _ = model.generate(prompts=[wording.format(word=w) for w in DIGIT_WORDS], num=per_digit, seed=0)
+        rate, per = agreement(classifier, images, wanted)
+        rows.append([label, f"{100 * rate:.1f}%", " ".join(f"{d}:{100 * v:.0f}" for d, v in per.items()), f"{time.perf_counter() - started:.1f}"])
+    backbone.prior_settings = guided
+    test = decoder.model.adaptkit.data.test
+    batch = test.batch(range(len(test)))
+    sources = torch.cat([batch["images"][batch["labels"] == d][:2] for d in range(10)])
+    images, _ = model.generate(images=sources, num=10, seed=0)
+    rate, per = agreement(classifier, images, [d for d in range(10) for _ in range(20)])
+    rows.append(["image variations (2 test images per digit x 10)", f"{100 * rate:.1f}%", " ".join(f"{d}:{100 * v:.0f}" for d, v in per.items()), "-"])
+    zero_shot = clip.metrics["test"].get("zero_shot_accuracy")
+    shown = f"{100 * zero_shot:.1f}%" if isinstance(zero_shot, float) else "n/a"
+    print(f"## unCLIP on digits: CLIP {clip.seconds:.0f} s (test zero-shot {shown}), prior {prior.seconds:.0f} s, "
+          f"decoder {decoder.seconds:.0f} s of training; 20 samples per digit, prior 25 steps guidance 4, decoder DDIM 50 guidance 3\n")
+    table(["prompt", "judge agrees", "per digit (%)", "sampling s"], rows)
+
+
+def speed(work: Path, classifier: Any, repeats: int = 5) -> None:
+    from diffusers import DDIMPipeline
+
+    import adaptkit
+    from adaptkit_plugins.backbones._diffusion_common import SamplerSettings, make_scheduler, sample
+
+    rows = []
+    for preset, batch in (("ddpm_unet_8", 32), ("ddpm_unet_32", 4)):
+        model = adaptkit.build({"backbone": {"name": "ddpm_unet", "model": preset}, "task": {"name": "text_to_image"},
+                                "data": {"name": "digits"}}).eval()
+        backbone = model.backbone
+        settings = SamplerSettings(sampler="ddim", steps=50, guidance=1.0)
+        pipeline = DDIMPipeline(unet=backbone.unet, scheduler=make_scheduler(backbone.schedule, settings))
+        pipeline.set_progress_bar_config(disable=True)
+
+        def ours() -> torch.Tensor:
+            return sample(backbone, {}, batch, settings, torch.Generator().manual_seed(0), torch.device("cpu"))
+
+        def theirs() -> torch.Tensor:
+            return pipeline(batch_size=batch, generator=torch.Generator().manual_seed(0), num_inference_steps=50,
+                            eta=0.0, output_type="pt").images
+
+        a, b = ours(), theirs()  # warm-up, and the same images
+        difference = float(((a / 2 + 0.5).clamp(0, 1) - b).abs().max())
+        times: dict[str, list[float]] = {"ours": [], "diffusers": []}
+        for _ in range(repeats):  # interleaved, so machine load hits both alike
+            for name, fn in (("ours", ours), ("diffusers", theirs)):
+                started = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - started)
+        ours_s, theirs_s = min(times["ours"]), min(times["diffusers"])
+        ratio_median = statistics.median(times["ours"]) / statistics.median(times["diffusers"])
+        rows.append([preset, batch, f"{ours_s:.3f}", f"{theirs_s:.3f}", f"{ours_s / theirs_s:.3f}", f"{ratio_median:.3f}", f"{difference:.1e}"])
+    print(f"## Sampling speed: DDIM 50 steps, unconditional, same UNet and seed ({repeats} interleaved repeats, "
+          f"{torch.get_num_threads()} thread; times are the fastest repeat)\n")
+    table(["UNet", "batch", "ours (s)", "DDIMPipeline (s)", "ours / diffusers", "ratio of medians", "max |difference|"], rows)
+
+
+SECTIONS = {"classcond": classcond, "transfer": transfer, "unclip": unclip, "speed": speed}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", choices=sorted(SECTIONS), action="append", help="run only these sections")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    classifier = judge()
+    with tempfile.TemporaryDirectory(prefix="adaptkit-diffusion-") as tmp:
+        for name in args.only or list(SECTIONS):
+            started = time.perf_counter()
+            SECTIONS[name](Path(tmp), classifier)
+            print(f"({name}: {time.perf_counter() - started:.0f} s)\n", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""Creating diffusers models from presets, local directories and weight files (imports torch)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from adaptkit.checkpoint import load_weights
+from adaptkit.errors import CheckpointError, PluginError, did_you_mean
+
+
+def resolve_architecture(params: Any, ctx: Any, family: tuple[str, ...], where: str = "backbone.model") -> tuple[str, dict[str, Any]]:
+    """(diffusers class name, constructor kwargs) for a ``model`` that is a preset or a class name."""
+    preset = ctx.preset(params.model, params.name)
+    if preset is not None:
+        arch, kwargs = preset.config.get("arch"), dict(preset.config.get("kwargs") or {})
+        if arch not in family:
+            raise PluginError(f"{where}: preset '{params.model}' names architecture '{arch}'; this needs {', '.join(family)}")
+    elif params.model in family:
+        arch, kwargs = params.model, {}
+    else:
+        known = [p.name for p in ctx.registry.presets(params.name)] + list(family)
+        raise PluginError(
+            f"{where}: '{params.model}' is neither a {params.name} preset nor one of {', '.join(family)}"
+            f"{did_you_mean(params.model, known)}; presets: {', '.join(p.name for p in ctx.registry.presets(params.name))}"
+        )
+    kwargs.update(params.kwargs)
+    return str(arch), kwargs
+
+
+def construct(arch: str, kwargs: dict[str, Any], where: str) -> nn.Module:
+    """Instantiate a diffusers class with kwargs, turning its complaints into a PluginError."""
+    import diffusers
+
+    cls = getattr(diffusers, arch)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError, AssertionError) as exc:
+        raise PluginError(f"{where}: diffusers could not create {arch} with {kwargs}: {exc}") from None
+
+
+def is_diffusers_directory(path: Path, subfolder: str) -> Path | None:
+    """The folder holding a model's config.json: ``path`` itself or ``path/subfolder``."""
+    if not path.is_dir():
+        return None
+    for folder in (path, path / subfolder):
+        if (folder / "config.json").is_file():
+            return folder
+    return None
+
+
+def from_directory(folder: Path, family: tuple[str, ...], where: str) -> nn.Module:
+    """Load a diffusers model saved with ``save_pretrained`` (offline)."""
+    import diffusers
+
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{where}: {folder}/config.json is not readable JSON ({exc})") from None
+    arch = config.get("_class_name")
+    if arch not in family:
+        raise CheckpointError(f"{where}: {folder} holds a {arch or 'model of unknown class'}; expected one of {', '.join(family)}")
+    try:
+        return getattr(diffusers, arch).from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{where}: cannot load the diffusers model in {folder}: {str(exc)[:300]}") from None
+
+
+def from_hub(name: str, arch: str, subfolder: str, where: str) -> nn.Module:
+    import diffusers
+
+    try:
+        return getattr(diffusers, arch).from_pretrained(name, subfolder=subfolder)
+    except Exception as exc:  # network, missing repo, wrong class: all mean the same to the user
+        try:
+            return getattr(diffusers, arch).from_pretrained(name)
+        except Exception:
+            raise CheckpointError(
+                f"{where}: could not fetch '{name}' from the hub ({type(exc).__name__}: {str(exc)[:160]}); "
+                "without a network, pass a local diffusers directory or weights file instead"
+            ) from None
+
+
+def load_into(
+    module: nn.Module, path: str, native_prefix: str, required_prefixes: tuple[str, ...], where: str,
+    only: tuple[str, ...] | None = None,
+) -> None:
+    """Load a weights file into ``module`` (a backbone), strictly for ``required_prefixes``.
+
+    Accepts adaptkit checkpoints (``backbone.`` + this backbone's own names) and plain
+    diffusers state dicts (the native model's names, stored here under ``native_prefix``).
+    ``only`` limits the tensors the file may hold to these name prefixes.
+    """
+    state = load_weights(path)
+    if any(k.startswith("backbone.") for k in state):
+        state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+    own = module.state_dict()
+    if only is not None:
+        own = {k: v for k, v in own.items() if k.startswith(only)}
+    if not any(k in own for k in state):
+        state = {native_prefix + k: v for k, v in state.items()}
+    unexpected = sorted(set(state) - set(own))
+    if unexpected:
+        adapter_like = [k for k in unexpected if any(w in k for w in ("lora", "prompt", "adapter", "prefix"))]
+        hint = " (it looks like an adapter file: merge it first with `adaptkit merge`)" if adapter_like else ""
+        raise CheckpointError(f"{where}: {path} holds {len(unexpected)} tensors this model lacks, e.g. {unexpected[0]}{hint}")
+    missing = sorted(k for k in own if k.startswith(required_prefixes) and k not in state)
+    if missing:
+        raise CheckpointError(
+            f"{where}: {path} lacks {len(missing)} of this model's tensors, e.g. {missing[0]}; "
+            "is it a checkpoint of the same architecture and conditioning?"
+        )
+    for key, tensor in state.items():
+        if tuple(tensor.shape) != tuple(own[key].shape):
+            raise CheckpointError(f"{where}: {path}: {key} has shape {tuple(tensor.shape)}, the model expects {tuple(own[key].shape)}")
+    with torch.no_grad():
+        module.load_state_dict(state, strict=False)
