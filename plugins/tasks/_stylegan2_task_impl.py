@@ -1,0 +1,225 @@
+"""The ``stylegan2`` GAN training task (imports torch).
+
+One training step computes the discriminator's and the generator's losses together
+and returns their sum, so the ordinary trainer (one optimizer, one backward, DDP,
+gradient accumulation, resume) trains both:
+
+- discriminator: ``softplus(D(G(z).detach())) + softplus(-D(x))`` (+ lazy R1 on real
+  images); the detached fakes keep this term's gradients out of the generator;
+- generator: ``softplus(-D(G(z)))`` through a *functional* call of D with detached
+  parameters, so this term's gradients reach the generator and not D.
+
+Both players therefore update simultaneously from the same batch. The generator's
+exponential moving average (EMA) is what evaluation, ``samples.png`` and
+``generator.safetensors`` use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adaptkit.errors import DataError
+from adaptkit.task import StepOutput, TaskModel
+from adaptkit_plugins.backbones._stylegan2_nn import Discriminator
+from adaptkit_plugins.tasks._stylegan_images import save_grid
+
+
+class StyleGan2TaskModel(TaskModel):
+    primary_metric = "mmd"
+
+    def __init__(self, backbone: Any, params: Any, d_channels: dict[int, int]) -> None:
+        super().__init__(backbone)
+        g = backbone.generator
+        self.params = params
+        self.discriminator = Discriminator(g.size, d_channels, g.img_channels)
+        self.ema = nn.Module()  # buffers filled at the first step, once the methods have chosen what trains
+        self._ema_names: list[str] = []
+        self.register_buffer("ema_steps", torch.zeros((), dtype=torch.long))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        self._written = False
+
+    @classmethod
+    def create(cls, params: Any, backbone: Any, info: Any) -> "StyleGan2TaskModel":
+        g = backbone.generator
+        if info.channels is not None and info.channels != g.img_channels:
+            raise DataError(
+                f"data: images have {info.channels} channels but the generator makes {g.img_channels}; "
+                f"set data.channels={g.img_channels}"
+            )
+        if info.image_size is not None and tuple(info.image_size) != (g.size, g.size):
+            raise DataError(f"data: images are {info.image_size}, the generator makes {g.size}x{g.size}; set data.image_size={g.size}")
+        channels = {int(k): int(v) for k, v in (params.d_channels or g.channels).items()}
+        missing = [2**i for i in range(2, g.size.bit_length()) if 2**i not in channels]
+        if missing:
+            raise DataError(f"task.d_channels: no channel count for resolutions {missing} (generator size {g.size})")
+        return cls(backbone, params, channels)
+
+    # -- latents ---------------------------------------------------------------
+    def _latents(self, batch: int, device: torch.device) -> torch.Tensor:
+        """W+ latents for a batch, with style mixing (two z's, one random crossover per batch)."""
+        bb = self.backbone
+        z = torch.randn(batch, bb.style_dim, device=device)
+        w = bb.generator.broadcast(bb.mapping(z))
+        if self.params.mixing > 0 and bb.n_latent > 1 and torch.rand(()) < self.params.mixing:
+            w2 = bb.generator.broadcast(bb.mapping(torch.randn(batch, bb.style_dim, device=device)))
+            cut = int(torch.randint(1, bb.n_latent, ()))
+            w = torch.cat([w[:, :cut], w2[:, cut:]], dim=1)
+        return w
+
+    def _frozen_discriminator(self, images: torch.Tensor) -> torch.Tensor:
+        detached = {name: p.detach() for name, p in self.discriminator.named_parameters()}
+        return torch.func.functional_call(self.discriminator, detached, (images,))
+
+    # -- training ------------------------------------------------------------
+    def training_step(self, batch: dict[str, Any]) -> StepOutput:
+        self._update_ema()
+        real = batch["images"]
+        n = real.shape[0]
+        fake = self.backbone.synthesis(self._latents(n, real.device), noise="random")
+
+        regularise = self.params.r1_gamma > 0 and int(self.steps) % self.params.r1_every == 0
+        if regularise:
+            real = real.detach().requires_grad_(True)
+        real_logits = self.discriminator(real)
+        fake_logits = self.discriminator(fake.detach())
+        d_loss = F.softplus(fake_logits).mean() + F.softplus(-real_logits).mean()
+        g_loss = F.softplus(-self._frozen_discriminator(fake)).mean()
+        loss = d_loss + g_loss
+        logs = {"d_loss": float(d_loss.detach()), "g_loss": float(g_loss.detach())}
+        if regularise:
+            (grad,) = torch.autograd.grad(real_logits.sum(), real, create_graph=True)
+            r1 = grad.float().pow(2).flatten(1).sum(1).mean()
+            loss = loss + self.params.r1_gamma / 2 * r1 * self.params.r1_every
+            logs["r1"] = float(r1.detach())
+        if self.training:
+            self.steps += 1
+        return StepOutput(loss, n, logs)
+
+    # -- EMA -------------------------------------------------------------------
+    def _generator_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        for name, p in self.backbone.named_parameters():
+            if p.requires_grad:
+                yield name, p
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        if not self.training:
+            return
+        if not self._ema_names:
+            for name, p in self._generator_parameters():
+                key = name.replace(".", "__")
+                self.ema.register_buffer(key, p.detach().clone())
+                self._ema_names.append(name)
+            return
+        # ramp-up: average over roughly the steps so far until the decay takes over
+        step = int(self.ema_steps) + 1
+        decay = min(self.params.ema_decay, step / (step + 10.0))
+        params = dict(self.backbone.named_parameters())
+        for name in self._ema_names:
+            getattr(self.ema, name.replace(".", "__")).lerp_(params[name].detach(), 1 - decay)
+        self.ema_steps += 1
+
+    @contextlib.contextmanager
+    def ema_weights(self) -> Iterator[None]:
+        """Temporarily load the EMA generator weights (no-op before the first training step)."""
+        if not self._ema_names:
+            yield
+            return
+        params = dict(self.backbone.named_parameters())
+        saved = {name: params[name].detach().clone() for name in self._ema_names}
+        with torch.no_grad():
+            for name in self._ema_names:
+                params[name].copy_(getattr(self.ema, name.replace(".", "__")))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, value in saved.items():
+                    params[name].copy_(value)
+
+    # -- evaluation ------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, count: int, seed: int = 0, truncation: float = 1.0) -> torch.Tensor:
+        """``count`` images from seeds ``seed .. seed+count-1`` (fixed noise)."""
+        bb = self.backbone
+        z = bb.z_from_seeds(range(seed, seed + count))
+        return torch.cat([bb.generate(chunk, truncation) for chunk in z.split(128)])
+
+    @torch.no_grad()
+    def evaluate(self, batches: Iterable[dict[str, Any]]) -> dict[str, Any]:
+        reals = [b["images"] for b in batches]
+        if not reals:
+            return {}
+        real = torch.cat(reals)
+        with self.ema_weights():
+            fake = self.sample(min(self.params.eval_samples, max(len(real), 2)))
+            real_logits = self.discriminator(real)
+            fake_logits = self.discriminator(fake)
+        d_loss = F.softplus(fake_logits).mean() + F.softplus(-real_logits).mean()
+        return {
+            "mmd": mmd(fake.float().flatten(1), real.float().flatten(1)),
+            "d_loss": float(d_loss),
+            "g_loss": float(F.softplus(-fake_logits).mean()),
+            "fake_mean": float(fake.mean()),
+            "fake_std": float(fake.std()),
+            "count": len(real),
+        }
+
+    def write_artifacts(self, metrics: dict[str, Any], output_dir: Path, split: str) -> list[str]:
+        if self._written:
+            return []
+        self._written = True
+        from adaptkit_plugins.backbones._stylegan2_impl import save_generator
+
+        files = []
+        with self.ema_weights():
+            images = self.sample(self.params.samples).cpu()
+            save_grid(images, output_dir / "samples.png", ncol=int(math.ceil(math.sqrt(len(images)))))
+            files.append("samples.png")
+            methods = getattr(getattr(self, "adaptkit", None), "methods", [])
+            if all(m.mergeable for m in methods):
+                with merged(methods):
+                    save_generator(self.backbone.generator, output_dir / "generator.safetensors",
+                                   latent_avg=self.backbone.mean_latent(), metadata={"format": "rosinality-stylegan2/g_ema"})
+                files.append("generator.safetensors")
+        return files
+
+
+@contextlib.contextmanager
+def merged(methods: list[Any]) -> Iterator[None]:
+    """Fold mergeable methods into the base weights for the duration, then take them out again."""
+    done = []
+    try:
+        for method in methods:
+            if not method.merged:
+                method.merge()
+                done.append(method)
+        yield
+    finally:
+        for method in reversed(done):
+            method.unmerge()
+
+
+def mmd(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Squared maximum mean discrepancy with a Gaussian kernel (bandwidth: the median
+    distance within ``y``); 0 when the two samples come from the same distribution."""
+    yy = torch.cdist(y, y).pow(2)
+    bandwidth = yy[yy > 0].median().clamp(min=1e-6)
+
+    def kernel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.exp(-torch.cdist(a, b).pow(2) / bandwidth)
+
+    def mean_off_diagonal(k: torch.Tensor) -> torch.Tensor:
+        n = k.shape[0]
+        return (k.sum() - k.diagonal().sum()) / max(1, n * (n - 1))
+
+    value = mean_off_diagonal(kernel(x, x)) + mean_off_diagonal(torch.exp(-yy / bandwidth)) - 2 * kernel(x, y).mean()
+    return float(value)
