@@ -19,6 +19,7 @@ COMMANDS = [
     "validate",
     "plugins",
     "schema",
+    "edit",
 ]
 
 

@@ -74,34 +74,47 @@ class StyleGan2TaskModel(TaskModel):
             w = torch.cat([w[:, :cut], w2[:, cut:]], dim=1)
         return w
 
+    def augment(self, images: torch.Tensor) -> torch.Tensor:
+        """Differentiable augmentation of what the discriminator sees, real and fake alike (DiffAugment)."""
+        if self.params.augment == "translation" and self.training:
+            return translate(images, self.params.augment_shift)
+        return images
+
     def _frozen_discriminator(self, images: torch.Tensor) -> torch.Tensor:
         detached = {name: p.detach() for name, p in self.discriminator.named_parameters()}
         return torch.func.functional_call(self.discriminator, detached, (images,))
 
     # -- training ------------------------------------------------------------
+    def losses(self, real: torch.Tensor, regularise: bool) -> dict[str, torch.Tensor]:
+        """The discriminator's loss (``d_loss``, and ``r1`` when regularising) and the generator's (``g_loss``).
+
+        ``d_loss`` and ``r1`` have no gradient path to the generator, ``g_loss`` none to the discriminator.
+        """
+        fake = self.augment(self.backbone.synthesis(self._latents(real.shape[0], real.device), noise="random"))
+        real = self.augment(real.detach())
+        if regularise:
+            real = real.requires_grad_(True)
+        real_logits = self.discriminator(real)
+        out = {
+            "d_loss": F.softplus(self.discriminator(fake.detach())).mean() + F.softplus(-real_logits).mean(),
+            "g_loss": F.softplus(-self._frozen_discriminator(fake)).mean(),
+        }
+        if regularise:
+            (grad,) = torch.autograd.grad(real_logits.sum(), real, create_graph=True)
+            out["r1"] = grad.float().pow(2).flatten(1).sum(1).mean()
+        return out
+
     def training_step(self, batch: dict[str, Any]) -> StepOutput:
         self._update_ema()
         real = batch["images"]
-        n = real.shape[0]
-        fake = self.backbone.synthesis(self._latents(n, real.device), noise="random")
-
-        regularise = self.params.r1_gamma > 0 and int(self.steps) % self.params.r1_every == 0
-        if regularise:
-            real = real.detach().requires_grad_(True)
-        real_logits = self.discriminator(real)
-        fake_logits = self.discriminator(fake.detach())
-        d_loss = F.softplus(fake_logits).mean() + F.softplus(-real_logits).mean()
-        g_loss = F.softplus(-self._frozen_discriminator(fake)).mean()
-        loss = d_loss + g_loss
-        logs = {"d_loss": float(d_loss.detach()), "g_loss": float(g_loss.detach())}
-        if regularise:
-            (grad,) = torch.autograd.grad(real_logits.sum(), real, create_graph=True)
-            r1 = grad.float().pow(2).flatten(1).sum(1).mean()
-            loss = loss + self.params.r1_gamma / 2 * r1 * self.params.r1_every
-            logs["r1"] = float(r1.detach())
+        p = self.params
+        parts = self.losses(real, p.r1_gamma > 0 and int(self.steps) % p.r1_every == 0)
+        loss = parts["d_loss"] + parts["g_loss"]
+        if "r1" in parts:
+            loss = loss + p.r1_gamma / 2 * parts["r1"] * p.r1_every  # lazy: scaled by the interval
         if self.training:
             self.steps += 1
-        return StepOutput(loss, n, logs)
+        return StepOutput(loss, real.shape[0], {k: float(v.detach()) for k, v in parts.items()})
 
     # -- EMA -------------------------------------------------------------------
     def _generator_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
@@ -206,6 +219,24 @@ def merged(methods: list[Any]) -> Iterator[None]:
     finally:
         for method in reversed(done):
             method.unmerge()
+
+
+def translate(images: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Shift each image by a random whole number of pixels, up to ``fraction`` of its size on each
+    axis, repeating the border (differentiable in the images: nearest-pixel resampling)."""
+    batch, _, height, width = images.shape
+    reach_y, reach_x = round(fraction * height), round(fraction * width)
+    if reach_x == 0 and reach_y == 0:
+        return images
+    shift = torch.stack([
+        torch.randint(-reach_x, reach_x + 1, (batch,), device=images.device) * 2.0 / width,
+        torch.randint(-reach_y, reach_y + 1, (batch,), device=images.device) * 2.0 / height,
+    ], 1)
+    theta = torch.zeros(batch, 2, 3, device=images.device, dtype=images.dtype)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1.0
+    theta[:, :, 2] = shift.to(images.dtype)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="nearest", padding_mode="border", align_corners=False)
 
 
 def mmd(x: torch.Tensor, y: torch.Tensor) -> float:

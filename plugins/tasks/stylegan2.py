@@ -23,6 +23,10 @@ class StyleGan2TaskParams(ComponentParams):
     r1_every: int = Field(4, gt=0, description="lazy regularisation: apply R1 every N steps, scaled by N (StyleGAN2 uses 16)")
     mixing: float = Field(0.9, ge=0, le=1, description="style-mixing probability (two z's, random crossover layer)")
     ema_decay: float = Field(0.999, ge=0, lt=1, description="decay of the generator's exponential moving average (ramped up at the start)")
+    augment: Literal["none", "translation"] = Field(
+        "translation", description="differentiable augmentation of real and fake images before D (DiffAugment); "
+        "keeps D from memorising a small dataset")
+    augment_shift: float = Field(0.125, ge=0, le=0.5, description="translation: largest shift, as a fraction of the image size")
     d_channels: dict[int, int] | None = Field(None, description="discriminator channels per resolution; default: the generator's")
     samples: int = Field(64, gt=0, description="images in the samples.png grid written after training")
     eval_samples: int = Field(256, gt=0, description="generated images compared with the real ones at each evaluation")
