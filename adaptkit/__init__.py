@@ -40,7 +40,7 @@ from adaptkit.spec import OutputSpec, RunSpec, TrainSpec, load_spec
 __version__ = "0.1.0"
 
 _LAZY = {
-    "build": ("adaptkit.build", "build"),
+    "build": ("adaptkit.builder", "build"),
     "run": ("adaptkit.runner", "run"),
     "RunResult": ("adaptkit.runner", "RunResult"),
     "trainable_state": ("adaptkit.checkpoint", "trainable_state"),

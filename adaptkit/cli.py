@@ -19,6 +19,8 @@ COMMANDS = [
     "validate",
     "plugins",
     "schema",
+    "runs",
+    "report",
     "edit",
 ]
 

@@ -32,13 +32,18 @@ class BatchDataset:
 
 
 class TensorDataset(BatchDataset):
-    """In-memory tensors of equal length (``images``, ``labels``, ...)."""
+    """In-memory tensors of equal length (``images``, ``labels``, ...).
 
-    def __init__(self, **tensors: Any) -> None:
+    ``transform(batch) -> batch`` runs on every batch (e.g. resizing to the model's
+    input), so large inputs are made per batch rather than held in memory.
+    """
+
+    def __init__(self, transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None, **tensors: Any) -> None:
         lengths = {len(v) for v in tensors.values()}
         if len(lengths) != 1:
             raise ValueError(f"tensors of different lengths: { {k: len(v) for k, v in tensors.items()} }")
         self.tensors = tensors
+        self.transform = transform
 
     def __len__(self) -> int:
         return len(next(iter(self.tensors.values())))
@@ -48,7 +53,7 @@ class TensorDataset(BatchDataset):
         out: dict[str, Any] = {}
         for key, value in self.tensors.items():
             out[key] = value[index] if isinstance(value, torch.Tensor) else [value[i] for i in index.tolist()]
-        return out
+        return self.transform(out) if self.transform is not None else out
 
 
 Augment = Callable[[dict[str, Any], torch.Tensor], dict[str, Any]]

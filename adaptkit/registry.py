@@ -239,6 +239,10 @@ class Registry:
         listing = ", ".join(sorted(table)) or "none"
         return f"unknown {kind} '{name}'{hint}; registered {kind}s: {listing}"
 
+    def source(self, provider: str) -> str:
+        """Where a provider came from: ``built-in``, ``package <dist>`` or ``argument``."""
+        return self._sources.get(provider, "registry.yaml" if provider.endswith(".yaml") else "plugin")
+
     def presets(self, backbone: str | None = None) -> list[PresetRecord]:
         """Registered presets, optionally only those of one backbone."""
         return [p for _, p in sorted(self._presets.items()) if backbone is None or p.backbone == backbone]

@@ -82,7 +82,7 @@ def run(spec: RunSpec | dict[str, Any] | str | Path, overrides: list[str] | None
     import torch
 
     from adaptkit import __version__
-    from adaptkit.build import build, count_parameters, recommended
+    from adaptkit.builder import build, count_parameters, recommended
     from adaptkit.checkpoint import save_adapter
     from adaptkit.distributed import barrier, init_distributed, resolve_device
     from adaptkit.plots import plot_curves
@@ -162,7 +162,7 @@ def run(spec: RunSpec | dict[str, Any] | str | Path, overrides: list[str] | None
                       key_metrics={f"{s}_{model.primary_metric}": summary[s].get(model.primary_metric) for s in ("val", "test")})
         _write_json(out / RUN_FILE, marker)
         for split in ("val", "test"):
-            shown = ", ".join(f"{k} {v:.4f}" for k, v in summary[split].items())
+            shown = ", ".join(f"{k} {int(v)}" if k == "count" else f"{k} {v:.4f}" for k, v in summary[split].items())
             if shown:
                 say(f"{split}: {shown}")
         say(f"wrote {out}/: {', '.join(files)}")

@@ -350,7 +350,8 @@ def load_spec(path_or_dict: str | Path | dict[str, Any] | RunSpec, overrides: li
     else:
         source = str(path_or_dict)
         data = read_yaml(path_or_dict)
-        data.setdefault("name", Path(path_or_dict).stem)
+        if data.get("name") is None:
+            data["name"] = Path(path_or_dict).stem
     if overrides:
         data = apply_overrides(data, list(overrides), source)
     return validate_spec(data, registry, source)

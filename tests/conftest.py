@@ -8,6 +8,8 @@ import os
 import pytest
 
 os.environ.setdefault("ADAPTKIT_TEST", "1")
+# no network here: make hub look-ups fail at once instead of retrying
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def tiny_vit_spec(tmp_path, **overrides) -> dict:

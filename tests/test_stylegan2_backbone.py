@@ -20,12 +20,6 @@ from adaptkit_plugins.backbones._stylegan2_nn import (
     upfirdn2d,
 )
 
-def build(spec_data: dict):
-    """adaptkit.build, whichever module layout this checkout has (the function or its module)."""
-    fn = adaptkit.build
-    return fn(spec_data) if callable(fn) else fn.build(spec_data)
-
-
 TINY = {"size": 8, "style_dim": 16, "n_mlp": 2, "channels": {4: 8, 8: 8}, "img_channels": 1}
 
 
@@ -210,9 +204,9 @@ def test_loader_round_trip_rosinality_pt_and_safetensors(tmp_path):
 
 def test_backbone_loads_a_file_through_the_spec(tmp_path):
     torch.manual_seed(5)
-    reference = build(spec(tmp_path))
+    reference = adaptkit.build(spec(tmp_path))
     save_generator(reference.backbone.generator, tmp_path / "g.pt")
-    model = build(spec(tmp_path, pretrained=str(tmp_path / "g.pt")))
+    model = adaptkit.build(spec(tmp_path, pretrained=str(tmp_path / "g.pt")))
     z = torch.randn(2, 64)
     torch.testing.assert_close(model.backbone.generate(z), reference.backbone.generate(z))
 
@@ -263,9 +257,9 @@ def test_spec_errors(tmp_path):
     with pytest.raises(SpecError, match="local file"):
         adaptkit.load_spec(spec(tmp_path, pretrained=True))
     with pytest.raises(PluginError, match="not a stylegan2 preset.*did you mean 'stylegan2_tiny_8'"):
-        build(spec(tmp_path, model="stylegan2_tiny_9"))
+        adaptkit.build(spec(tmp_path, model="stylegan2_tiny_9"))
     with pytest.raises(PluginError, match="channel count for resolutions \\[8\\]"):
-        build(spec(tmp_path, channels={4: 8}))
+        adaptkit.build(spec(tmp_path, channels={4: 8}))
 
 
 # --------------------------------------------------------------------- surface and methods
@@ -275,7 +269,7 @@ def images(model, seed: int = 0) -> torch.Tensor:
 
 
 def test_surface_roles_and_blocks(tmp_path):
-    model = build(spec(tmp_path))
+    model = adaptkit.build(spec(tmp_path))
     surface = model.surface
     mapping, synthesis = surface.towers["mapping"], surface.towers["synthesis"]
     assert [s.role for s in mapping.layers] == ["mlp.in", "mlp.out", "mlp.in", "mlp.out"]
@@ -289,7 +283,7 @@ def test_surface_roles_and_blocks(tmp_path):
 
 @pytest.mark.parametrize("targets", [["conv"], ["modulation"], ["to_rgb"], ["mlp.in", "mlp.out"]])
 def test_lora_merged_equals_unmerged(tmp_path, targets):
-    model = build(spec(tmp_path, methods=[{"name": "lora", "rank": 2, "targets": targets}]))
+    model = adaptkit.build(spec(tmp_path, methods=[{"name": "lora", "rank": 2, "targets": targets}]))
     lora = model.adaptkit.methods[0]
     base = images(model)
     with torch.no_grad():
@@ -304,7 +298,7 @@ def test_lora_merged_equals_unmerged(tmp_path, targets):
 
 
 def test_lora_on_conv_gradients_reach_only_lora(tmp_path):
-    model = build(spec(tmp_path, methods=[{"name": "lora", "rank": 2, "targets": ["conv"], "tower": "synthesis"}]))
+    model = adaptkit.build(spec(tmp_path, methods=[{"name": "lora", "rank": 2, "targets": ["conv"], "tower": "synthesis"}]))
     trainable = [n for n, p in model.backbone.named_parameters() if p.requires_grad]
     assert trainable and all(".lora." in n for n in trainable)
     assert all(".conv.lora." in n and "modulation" not in n for n in trainable)
@@ -314,14 +308,14 @@ def test_lora_on_conv_gradients_reach_only_lora(tmp_path):
 
 
 def test_full_on_roles_unfreezes_only_those_layers(tmp_path):
-    model = build(spec(tmp_path, methods=[{"name": "full", "targets": ["modulation"]}]))
+    model = adaptkit.build(spec(tmp_path, methods=[{"name": "full", "targets": ["modulation"]}]))
     trainable = {n for n, p in model.backbone.named_parameters() if p.requires_grad}
     assert trainable and all(".modulation." in n for n in trainable)
 
 
 def test_methods_without_sites_fail_validation(tmp_path):
     with pytest.raises(CompatibilityError, match="lora.*no layers with role 'attn.q'"):
-        build(spec(tmp_path, methods=[{"name": "lora", "targets": ["attn.q"]}]))
+        adaptkit.build(spec(tmp_path, methods=[{"name": "lora", "targets": ["attn.q"]}]))
 
 
 def test_runs_on_cuda_when_present():

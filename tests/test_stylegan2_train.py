@@ -10,11 +10,6 @@ from adaptkit.errors import DataError
 from adaptkit_plugins.backbones._stylegan2_impl import read_generator_file
 
 
-def build(spec_data: dict):
-    fn = adaptkit.build
-    return fn(spec_data) if callable(fn) else fn.build(spec_data)
-
-
 def gan_spec(tmp_path, **task) -> dict:
     return {
         "name": "gan",
@@ -30,7 +25,7 @@ def gan_spec(tmp_path, **task) -> dict:
 
 
 def test_losses_keep_the_players_apart(tmp_path):
-    model = build(gan_spec(tmp_path))
+    model = adaptkit.build(gan_spec(tmp_path))
     real = torch.rand(4, 1, 8, 8) * 2 - 1
     g_params = [p for p in model.backbone.parameters() if p.requires_grad]
     d_params = list(model.discriminator.parameters())
@@ -46,7 +41,7 @@ def test_losses_keep_the_players_apart(tmp_path):
 
 
 def test_training_step_updates_generator_and_discriminator_and_ema(tmp_path):
-    model = build(gan_spec(tmp_path))
+    model = adaptkit.build(gan_spec(tmp_path))
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     batch = {"images": torch.rand(8, 1, 8, 8) * 2 - 1, "labels": torch.zeros(8, dtype=torch.long)}
     g_before = model.backbone.generator.conv1.conv.weight.detach().clone()
@@ -79,7 +74,7 @@ def test_short_run_writes_samples_and_a_loadable_generator(tmp_path):
     model = result.model
     spec = gan_spec(tmp_path)
     spec["backbone"]["pretrained"] = str(out / "generator.safetensors")
-    reloaded = build(spec)
+    reloaded = adaptkit.build(spec)
     z = torch.randn(2, 16)
     with model.ema_weights():
         expected = model.backbone.generate(z.to(next(model.parameters()).device)).cpu()
@@ -100,7 +95,7 @@ def test_bad_data_is_refused(tmp_path):
     spec = gan_spec(tmp_path)
     spec["data"]["channels"] = 3
     with pytest.raises(DataError, match="3 channels but the generator makes 1"):
-        build(spec)
+        adaptkit.build(spec)
     spec = gan_spec(tmp_path, d_channels={8: 16})
     with pytest.raises(DataError, match="d_channels: no channel count for resolutions \\[4\\]"):
-        build(spec)
+        adaptkit.build(spec)

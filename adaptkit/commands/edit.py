@@ -84,16 +84,12 @@ def _read_w(path: str) -> Any:
 def main(args: argparse.Namespace) -> int:
     import torch
 
+    from adaptkit.builder import build
     from adaptkit.checkpoint import load_adapter, save_tensors
     from adaptkit.distributed import resolve_device
     from adaptkit.errors import RunError, SpecError
     from adaptkit_plugins.tasks._clip_edit_impl import image_tensor
     from adaptkit_plugins.tasks._stylegan_images import save_strips
-
-    try:  # the core's build module (renamed to adaptkit.builder on some branches)
-        from adaptkit.builder import build
-    except ImportError:
-        from adaptkit.build import build
 
     spec, adapter = _load(args)
     if spec.train.threads:

@@ -54,7 +54,8 @@ def main(args: argparse.Namespace) -> int:
     listing: dict[str, Any] = {}
     for kind in kinds:
         listing[kind] = [
-            {"name": r.name, "provider": r.provider, "summary": r.summary, "params": describe_params(r.params)}
+            {"name": r.name, "provider": r.provider, "source": reg.source(r.provider), "summary": r.summary,
+             "params": describe_params(r.params)}
             for r in reg.find(kind, args.pattern)
         ]
     if args.kind in (None, "preset"):
@@ -72,7 +73,7 @@ def main(args: argparse.Namespace) -> int:
                 if kind == "preset":
                     print(f"  {item['name']:<22} backbone {item['backbone']:<10} {item['summary']}")
                     continue
-                print(f"  {item['name']:<16} {item['summary']}  [{item['provider']}]")
+                print(f"  {item['name']:<16} {item['summary']}  [{item['provider']}, {item['source']}]")
                 for param in item["params"]:
                     default = "required" if param["required"] else f"= {param['default']!r}"
                     print(f"      {param['name']}: {param['type']} {default}")

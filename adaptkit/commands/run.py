@@ -20,7 +20,7 @@ def main(args: argparse.Namespace) -> int:
 
     spec = adaptkit.load_spec(args.file, args.overrides)
     if args.dry_run:
-        from adaptkit.build import build, count_parameters
+        from adaptkit.builder import build, count_parameters
 
         model = build(spec)
         trainable, total = count_parameters(model)

@@ -90,17 +90,19 @@ def labelled_bundle(
     train, val, test = stratified_split(labels, params.split, params.split_seed)
     train = few_shot(train, labels, params.shots, params.split_seed)
     size, channels = target_geometry(params, ctx, tuple(images.shape[-2:]), images.shape[1])
-    fitted = fit_images(images, size, channels)
     y = torch.as_tensor(labels, dtype=torch.long)
+
+    def fit(batch: dict[str, Any]) -> dict[str, Any]:
+        return {**batch, "images": fit_images(batch["images"], size, channels)}
 
     def subset(idx: np.ndarray) -> TensorDataset:
         t = torch.as_tensor(idx, dtype=torch.long)
-        return TensorDataset(images=fitted[t], labels=y[t])
+        return TensorDataset(transform=fit, images=images[t], labels=y[t])
 
     info = DataInfo(kind="labelled_images", num_classes=len(class_names), class_names=class_names,
                     image_size=size, channels=channels)
     augment = None
     if params.shift:
         scaled = max(1, round(params.shift * size[0] / source_size))
-        augment = make_shift(scaled, float(fitted.min()))
+        augment = make_shift(scaled, float(images.min()))
     return DataBundle(info, subset(train), subset(val), subset(test), augment=augment, augment_dims=2 if augment else 0)

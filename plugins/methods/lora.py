@@ -19,7 +19,7 @@ class LoraParams(ComponentParams):
     """Low-rank adaptation of Linear and Conv2d layers, by role or module regex."""
 
     name: Literal["lora"] = "lora"
-    rank: int = Field(8, gt=0, description="rank r of the update")
+    rank: int = Field(8, gt=0, le=4096, description="rank r of the update")
     alpha: float | None = Field(None, gt=0, description="scale numerator: the update is (alpha / r) B A; default 2 * rank")
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA branch's input")
     targets: list[str] | None = Field(
