@@ -19,13 +19,13 @@ class StyleGan2TaskParams(ComponentParams):
     """
 
     name: Literal["stylegan2"] = "stylegan2"
-    r1_gamma: float = Field(0.1, ge=0, description="weight of the R1 penalty on real images (gamma/2 * |grad D(x)|^2)")
+    r1_gamma: float = Field(1.0, ge=0, description="weight of the R1 penalty on real images (gamma/2 * |grad D(x)|^2)")
     r1_every: int = Field(4, gt=0, description="lazy regularisation: apply R1 every N steps, scaled by N (StyleGAN2 uses 16)")
     mixing: float = Field(0.9, ge=0, le=1, description="style-mixing probability (two z's, random crossover layer)")
     ema_decay: float = Field(0.999, ge=0, lt=1, description="decay of the generator's exponential moving average (ramped up at the start)")
     augment: Literal["none", "translation"] = Field(
-        "translation", description="differentiable augmentation of real and fake images before D (DiffAugment); "
-        "keeps D from memorising a small dataset")
+        "none", description="differentiable augmentation of real and fake images before D (DiffAugment translation); "
+        "on the digits it let the generator drift off-centre, so it is off by default")
     augment_shift: float = Field(0.125, ge=0, le=0.5, description="translation: largest shift, as a fraction of the image size")
     d_channels: dict[int, int] | None = Field(None, description="discriminator channels per resolution; default: the generator's")
     samples: int = Field(64, gt=0, description="images in the samples.png grid written after training")
