@@ -66,13 +66,15 @@ class StyleGan2TaskModel(TaskModel):
     def _latents(self, batch: int, device: torch.device) -> torch.Tensor:
         """W+ latents for a batch, with style mixing (two z's, one random crossover per batch)."""
         bb = self.backbone
-        z = torch.randn(batch, bb.style_dim, device=device)
-        w = bb.generator.broadcast(bb.mapping(z))
+        w = bb.generator.broadcast(bb.mapping(shard_randn(batch, bb.style_dim, device=device)))
         if self.params.mixing > 0 and bb.n_latent > 1 and torch.rand(()) < self.params.mixing:
-            w2 = bb.generator.broadcast(bb.mapping(torch.randn(batch, bb.style_dim, device=device)))
+            w2 = bb.generator.broadcast(bb.mapping(shard_randn(batch, bb.style_dim, device=device)))
             cut = int(torch.randint(1, bb.n_latent, ()))
             w = torch.cat([w[:, :cut], w2[:, cut:]], dim=1)
         return w
+
+    def _noise(self, batch: int, device: torch.device) -> list[torch.Tensor]:
+        return [shard_randn(batch, *n.shape[1:], device=device) for n in self.backbone.generator.noise_buffers()]
 
     def augment(self, images: torch.Tensor) -> torch.Tensor:
         """Differentiable augmentation of what the discriminator sees, real and fake alike (DiffAugment)."""
@@ -90,7 +92,8 @@ class StyleGan2TaskModel(TaskModel):
 
         ``d_loss`` and ``r1`` have no gradient path to the generator, ``g_loss`` none to the discriminator.
         """
-        fake = self.augment(self.backbone.synthesis(self._latents(real.shape[0], real.device), noise="random"))
+        batch = real.shape[0]
+        fake = self.augment(self.backbone.synthesis(self._latents(batch, real.device), noise=self._noise(batch, real.device)))
         real = self.augment(real.detach())
         if regularise:
             real = real.requires_grad_(True)
@@ -219,6 +222,20 @@ def merged(methods: list[Any]) -> Iterator[None]:
     finally:
         for method in reversed(done):
             method.unmerge()
+
+
+def shard_randn(batch: int, *shape: int, device: torch.device) -> torch.Tensor:
+    """Standard normal samples for this process's share of a global batch.
+
+    Every process seeds its random stream alike, so each draws the whole global
+    batch and keeps its own slice: the processes see different latents, and the
+    union is what a single process would draw.
+    """
+    import torch.distributed as dist
+
+    world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_available() and dist.is_initialized() else (1, 0)
+    full = torch.randn(batch * world, *shape, device=device)
+    return full[rank * batch : (rank + 1) * batch]
 
 
 def translate(images: torch.Tensor, fraction: float) -> torch.Tensor:
