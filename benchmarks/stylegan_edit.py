@@ -170,6 +170,11 @@ def main() -> None:
         started = time.perf_counter()
         trained = adaptkit.run(nada, log=quiet).model
         result = trained.edit(seeds=threes)
+        with torch.no_grad():
+            adapted = torch.cat([trained.render(trained.latents_from_seeds(range(s, s + 250), "w+")) for s in range(0, 1000, 250)])
+        share = (probabilities(referee, adapted).argmax(1) == 8).mean()
+        print(f"NADA lr {lr:g}: the judge calls {100 * share:.1f}% of all 1,000 samples an 8 after adaptation "
+              f"({100 * hist[8]:.1f}% before)")
         record(f"generator: NADA, LoRA r4 on conv, {args.nada_steps} steps, lr {lr:g}", f"NADA lr {lr:g}",
                result.before, result, time.perf_counter() - started)
 
