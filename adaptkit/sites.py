@@ -2,7 +2,8 @@
 
 - :func:`index_layers` lists every Linear/Conv2d of a module by qualified name;
 - :class:`SequenceTokenSite` inserts prompt tokens into any transformer whose blocks
-  map a (batch, tokens, dim) sequence to one of the same shape (ViT, CLIP towers).
+  map a (batch, tokens, dim) sequence to one of the same shape (ViT, CLIP towers);
+- :func:`gated_attention` computes the gated extra keys/values of an attention site.
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from adaptkit.surface import PromptSource, TokenSite
+from adaptkit.surface import AttentionSite, PromptSource, TokenSite
 
 
 def index_layers(root: nn.Module, prefix: str = "") -> dict[str, nn.Module]:
@@ -23,6 +25,29 @@ def index_layers(root: nn.Module, prefix: str = "") -> dict[str, nn.Module]:
         for name, module in root.named_modules()
         if isinstance(module, (nn.Linear, nn.Conv2d))
     }
+
+
+def gated_attention(site: AttentionSite, q: torch.Tensor, dropout_p: float = 0.0, scale: float | None = None) -> torch.Tensor | None:
+    """The sum of ``gate * softmax(q k^T) v`` over the site's gated providers, or None.
+
+    ``q`` is (batch, heads, N, head_dim); so is the result, to be added to the
+    attention output before the heads are merged. A backbone whose attention
+    forward adds this sets ``supports_gate=True`` on its sites::
+
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        gated = gated_attention(site, q)
+        if gated is not None:
+            out = out + gated
+    """
+    total = None
+    for provider, gate in site.gated:
+        k, v = provider(q.shape[0])
+        if k.shape[2] == 0:  # an empty prefix adds nothing (and its softmax would be empty)
+            continue
+        part = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), dropout_p=dropout_p, scale=scale)
+        part = part * gate.to(q.dtype).reshape(1, -1, 1, 1)
+        total = part if total is None else total + part
+    return total
 
 
 class SequenceTokenSite(TokenSite):

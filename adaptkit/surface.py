@@ -81,14 +81,32 @@ class AttentionSite:
     install: Callable[["AttentionSite"], None]
     project_kv: Callable[[Any], tuple[Any, Any]] | None = None
     providers: list[KVProvider] = field(default_factory=list)
+    #: whether the installed forward also honours gated providers (it adds
+    #: :func:`adaptkit.sites.gated_attention` to its output)
+    supports_gate: bool = False
+    gated: list[tuple[KVProvider, Any]] = field(default_factory=list)
     _installed: bool = False
 
-    def add_kv(self, provider: KVProvider) -> None:
-        """Register ``provider(batch) -> (k, v)``, each (batch, heads, P, head_dim)."""
+    def add_kv(self, provider: KVProvider, gate: Any = None) -> None:
+        """Register ``provider(batch) -> (k, v)``, each (batch, heads, P, head_dim).
+
+        Plain providers join the layer's own keys and values in one softmax. With a
+        ``gate`` (a tensor of shape (heads,) or ()), the keys and values get a softmax
+        of their own and ``gate * attention`` is added to the output instead
+        (zero-init attention, as in LLaMA-Adapter): a gate that starts at zero leaves
+        the model's output exactly as it was.
+        """
+        if gate is not None and not self.supports_gate:
+            raise CompatibilityError(
+                f"attention site '{self.name}' cannot take gated keys/values (its backbone does not support them)"
+            )
         if not self._installed:
             self.install(self)
             self._installed = True
-        self.providers.append(provider)
+        if gate is None:
+            self.providers.append(provider)
+        else:
+            self.gated.append((provider, gate))
 
     def extra_kv(self, batch: int) -> tuple[Any, Any] | None:
         """The extra (k, v) of every provider, concatenated along the sequence axis, or None."""

@@ -11,6 +11,7 @@ from torch import nn
 
 from adaptkit.checkpoint import load_weights
 from adaptkit.errors import CheckpointError, PluginError, did_you_mean
+from adaptkit.surface import LayerSite
 
 #: prefixes under which adaptkit's own checkpoints store a timm backbone's weights
 OWN_PREFIXES = ("backbone.net.", "net.")
@@ -87,7 +88,7 @@ def load_local(net: nn.Module, path: str) -> None:
             state.pop(key)
     unexpected = sorted(set(state) - set(own))
     if unexpected:
-        adapter_like = [k for k in unexpected if "lora" in k or "prompt" in k or "adapter" in k]
+        adapter_like = [k for k in unexpected if any(w in k for w in ("lora", "prompt", "adapter", "prefix"))]
         hint = " (it looks like an adapter file: merge it first with `adaptkit merge`)" if adapter_like else ""
         raise CheckpointError(f"backbone.pretrained: {path} holds {len(unexpected)} tensors this model lacks, e.g. {unexpected[0]}{hint}")
     missing = sorted(set(own) - set(state))
@@ -104,3 +105,21 @@ def load_local(net: nn.Module, path: str) -> None:
         )
     with torch.no_grad():
         net.load_state_dict(state, strict=True)
+
+
+def block_layer_sites(prefix: str, block: nn.Module) -> list[LayerSite]:
+    """The layer sites of a timm transformer block (``attn.qkv``, ``attn.proj``, ``mlp.fc1/fc2``).
+
+    q, k and v are row slices of the fused ``qkv``. ViT and Swin blocks share these names.
+    """
+    attn = block.attn
+    width = attn.qkv.out_features // 3
+    sites = [
+        LayerSite(f"{prefix}.attn.qkv", role, attn.qkv, (j * width, (j + 1) * width))
+        for j, role in enumerate(("attn.q", "attn.k", "attn.v"))
+    ]
+    return sites + [
+        LayerSite(f"{prefix}.attn.proj", "attn.out", attn.proj),
+        LayerSite(f"{prefix}.mlp.fc1", "mlp.in", block.mlp.fc1),
+        LayerSite(f"{prefix}.mlp.fc2", "mlp.out", block.mlp.fc2),
+    ]

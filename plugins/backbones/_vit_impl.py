@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adaptkit.backbone import Backbone
-from adaptkit.sites import SequenceTokenSite, index_layers
+from adaptkit.sites import SequenceTokenSite, gated_attention, index_layers
 from adaptkit.surface import AttentionSite, BlockSite, LayerSite, Surface, Tower
 from adaptkit_plugins.backbones import _timm_common
 
@@ -45,19 +45,12 @@ class VitBackbone(Backbone):
         blocks, attention = [], []
         for i, block in enumerate(net.blocks):
             attn, prefix = block.attn, f"net.blocks.{i}"
-            width = attn.num_heads * attn.head_dim
-            for j, role in enumerate(("attn.q", "attn.k", "attn.v")):
-                layers.append(LayerSite(f"{prefix}.attn.qkv", role, attn.qkv, (j * width, (j + 1) * width)))
-            layers += [
-                LayerSite(f"{prefix}.attn.proj", "attn.out", attn.proj),
-                LayerSite(f"{prefix}.mlp.fc1", "mlp.in", block.mlp.fc1),
-                LayerSite(f"{prefix}.mlp.fc2", "mlp.out", block.mlp.fc2),
-            ]
+            layers += _timm_common.block_layer_sites(prefix, block)
             blocks.append(BlockSite(prefix, dim, attn_output=block.attn, mlp_output=block.mlp))
             attention.append(
                 AttentionSite(
                     f"{prefix}.attn", attn, dim, attn.num_heads, attn.head_dim,
-                    install=_install_attention, project_kv=_make_project_kv(block),
+                    install=_install_attention, project_kv=_make_project_kv(block), supports_gate=True,
                 )
             )
         tokens = SequenceTokenSite(
@@ -106,9 +99,11 @@ def _install_attention(site: AttentionSite) -> None:
                 fill = True if attn_mask.dtype == torch.bool else 0.0
                 pad = attn_mask.new_full((*attn_mask.shape[:-1], prefix_len), fill)
                 attn_mask = torch.cat([pad, attn_mask], dim=-1)
-        x = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=attn.attn_drop.p if attn.training else 0.0, is_causal=is_causal
-        )
+        dropout = attn.attn_drop.p if attn.training else 0.0
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=is_causal)
+        gated = gated_attention(site, q, dropout)
+        if gated is not None:
+            x = x + gated
         x = x.transpose(1, 2).reshape(B, N, attn.num_heads * attn.head_dim)
         x = attn.norm(x)
         if gate is not None:

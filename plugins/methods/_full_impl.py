@@ -54,8 +54,8 @@ class RowDelta(nn.Module):
 class AppliedFull(AppliedMethod):
     mergeable = True
 
-    def __init__(self, deltas: list[RowDelta], summary: str) -> None:
-        super().__init__("full", list(deltas), summary)
+    def __init__(self, deltas: list[RowDelta], summary: str, expected: int) -> None:
+        super().__init__("full", list(deltas), summary, expected_parameters=expected, identity_at_init=True)
         self.deltas = deltas
 
     def merge(self) -> None:
@@ -74,7 +74,9 @@ class AppliedFull(AppliedMethod):
 def apply(params: Any, surface: Surface) -> AppliedFull:
     towers = _chosen(params, surface)
     deltas: list[RowDelta] = []
-    unfrozen = 0
+    frozen_before = {id(p) for p in surface.root.parameters() if not p.requires_grad}
+    embeddings = {id(p) for t in towers for n, p in surface.tower_parameters(t).items() if n in t.embeddings}
+    expected = 0  # the formula: whole frozen layers/towers unfrozen, plus rows x (fan-in + bias) per fused slice
     if params.targets or params.target_modules:
         sites: list[LayerSite] = surface.layer_sites(towers, params.targets, params.target_modules, method="full")
         slices: dict[int, list[LayerSite]] = {}
@@ -85,27 +87,32 @@ def apply(params: Any, surface: Surface) -> AppliedFull:
             covered = sum(s.out_size for s in group if s.rows is not None)
             if any(s.rows is None for s in group) or covered >= module.weight.shape[0]:
                 for p in module.parameters(recurse=False):
-                    unfrozen += 0 if p.requires_grad else p.numel()
+                    if id(p) in frozen_before and not (params.freeze_embeddings and id(p) in embeddings):
+                        expected += p.numel()
                     p.requires_grad_(True)
                 continue
             for site in group:
+                rows = site.out_size
+                has_bias = getattr(module, "bias", None) is not None
+                expected += rows * module.weight[0].numel() + (rows if has_bias else 0)
                 delta = RowDelta(module, site.rows)
                 module.add_module(_free_name(module, "full_delta"), delta)
                 deltas.append(delta)
     else:
         for tower in towers:
             for p in surface.tower_parameters(tower).values():
+                if id(p) in frozen_before and not (params.freeze_embeddings and id(p) in embeddings):
+                    expected += p.numel()
                 p.requires_grad_(True)
-                unfrozen += p.numel()
     if params.freeze_embeddings:
         for tower in towers:
             owned = surface.tower_parameters(tower)
             for name in tower.embeddings:
-                if name in owned and owned[name].requires_grad:
+                if name in owned and owned[name].requires_grad and id(owned[name]) in frozen_before:
                     owned[name].requires_grad_(False)
-                    unfrozen -= owned[name].numel()
+    unfrozen = sum(p.numel() for p in surface.root.parameters() if p.requires_grad and id(p) in frozen_before)
     summary = f"{unfrozen:,} weights unfrozen" + (f", {len(deltas)} fused-row updates" if deltas else "")
-    return AppliedFull(deltas, summary)
+    return AppliedFull(deltas, summary, expected)
 
 
 def _chosen(params: Any, surface: Surface) -> list[Tower]:

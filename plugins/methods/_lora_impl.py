@@ -110,8 +110,8 @@ class LoraDelta(nn.Module):
 class AppliedLora(AppliedMethod):
     mergeable = True
 
-    def __init__(self, deltas: dict[str, LoraDelta], summary: str) -> None:
-        super().__init__("lora", list(deltas.values()), summary)
+    def __init__(self, deltas: dict[str, LoraDelta], summary: str, expected: int) -> None:
+        super().__init__("lora", list(deltas.values()), summary, expected_parameters=expected, identity_at_init=True)
         self.deltas = deltas
 
     def merge(self) -> None:
@@ -146,9 +146,12 @@ def apply(params: Any, surface: Surface) -> AppliedLora:
     alpha = params.alpha if params.alpha is not None else 2.0 * params.rank
     scale = alpha / (math.sqrt(params.rank) if params.use_rslora else params.rank)
     deltas: dict[str, LoraDelta] = {}
+    expected = 0  # the formula: r x (fan-in per part + output rows) per adapted layer
     for name, group in groups.items():
         layer = group[0].module
         parts = [None] if any(s.rows is None for s in group) else sorted(s.rows for s in group)
+        rows = layer.weight.shape[0] if parts == [None] else sum(s.out_size for s in group)
+        expected += params.rank * (len(parts) * layer.weight[0].numel() + rows)
         delta = LoraDelta(layer, parts, params.rank, scale, params.dropout, params.init)
         child = "lora"
         index = 1
@@ -157,4 +160,4 @@ def apply(params: Any, surface: Surface) -> AppliedLora:
         layer.add_module(child, delta)
         deltas[name] = delta
     count = sum(p.numel() for d in deltas.values() for p in d.parameters())
-    return AppliedLora(deltas, f"rank {params.rank} on {len(deltas)} layers ({', '.join(roles) or 'regex'}), {count:,} parameters")
+    return AppliedLora(deltas, f"rank {params.rank} on {len(deltas)} layers ({', '.join(roles) or 'regex'}), {count:,} parameters", expected)

@@ -42,8 +42,9 @@ class StyleGan2TaskModel(TaskModel):
         self.discriminator = Discriminator(g.size, d_channels, g.img_channels)
         self.ema = nn.Module()  # buffers filled at the first step, once the methods have chosen what trains
         self._ema_names: list[str] = []
-        self.register_buffer("ema_steps", torch.zeros((), dtype=torch.long))
-        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        # training-time bookkeeping, not model state: kept out of state dicts (non-persistent)
+        self.register_buffer("ema_steps", torch.zeros((), dtype=torch.long), persistent=False)
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long), persistent=False)
         self._written = False
 
     @classmethod
@@ -111,7 +112,9 @@ class StyleGan2TaskModel(TaskModel):
         self._update_ema()
         real = batch["images"]
         p = self.params
-        parts = self.losses(real, p.r1_gamma > 0 and int(self.steps) % p.r1_every == 0)
+        # R1 is a training-time regulariser (it needs input gradients): off in eval mode and under no_grad
+        regularise = self.training and torch.is_grad_enabled() and p.r1_gamma > 0 and int(self.steps) % p.r1_every == 0
+        parts = self.losses(real, regularise)
         loss = parts["d_loss"] + parts["g_loss"]
         if "r1" in parts:
             loss = loss + p.r1_gamma / 2 * parts["r1"] * p.r1_every  # lazy: scaled by the interval
@@ -132,7 +135,7 @@ class StyleGan2TaskModel(TaskModel):
         if not self._ema_names:
             for name, p in self._generator_parameters():
                 key = name.replace(".", "__")
-                self.ema.register_buffer(key, p.detach().clone())
+                self.ema.register_buffer(key, p.detach().clone(), persistent=False)
                 self._ema_names.append(name)
             return
         # ramp-up: average over roughly the steps so far until the decay takes over

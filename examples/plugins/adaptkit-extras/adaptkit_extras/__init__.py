@@ -1,0 +1,1 @@
+"""An example third-party adaptkit plugin package (IA3 method, ConvNeXt backbone)."""

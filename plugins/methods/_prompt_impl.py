@@ -1,0 +1,86 @@
+"""Prompt tuning through token sites or attention sites (imports torch)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from adaptkit.errors import CompatibilityError
+from adaptkit.method import AppliedMethod
+from adaptkit.surface import AttentionSite, PromptSource, Surface, Tower
+from adaptkit_plugins.methods._common import attach, host, towers_with
+from adaptkit_plugins.methods.prompt import sites_needed
+
+
+def _init(tensor: torch.Tensor, how: str, fan_in: int) -> torch.Tensor:
+    if how == "uniform":  # VPT: Xavier-uniform over (patch fan-in + width)
+        bound = math.sqrt(6.0 / (fan_in + tensor.shape[-1]))
+        return nn.init.uniform_(tensor, -bound, bound)
+    return nn.init.normal_(tensor, std=0.02)
+
+
+def _patch_fan_in(tower: Tower) -> int:
+    embed = next((s for s in tower.layers if s.role == "embed"), None)
+    return int(embed.module.weight[0].numel()) if embed is not None else tower.dim
+
+
+class SequencePrompts(nn.Module, PromptSource):
+    """Prompt tokens for a token site: (layers, count, dim); layer 0 only when shallow."""
+
+    def __init__(self, count: int, dim: int, layers: int, deep: bool, init: str, fan_in: int) -> None:
+        super().__init__()
+        self.count, self.deep = count, deep
+        self.prompts = nn.Parameter(_init(torch.empty(layers if deep else 1, count, dim), init, fan_in))
+
+    def tokens(self, batch: int, layer: int) -> torch.Tensor:
+        return self.prompts[layer if self.deep else 0].unsqueeze(0).expand(batch, -1, -1)
+
+
+class AttentionPrompts(nn.Module):
+    """Prompt tokens of one attention site, turned into its keys/values by the frozen layer."""
+
+    def __init__(self, site: AttentionSite, count: int, init: str, fan_in: int) -> None:
+        super().__init__()
+        self.prompts = nn.Parameter(_init(torch.empty(count, site.dim), init, fan_in))
+        self._project = site.project_kv
+
+    def kv(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = self._project(self.prompts)
+        return k.unsqueeze(0).expand(batch, -1, -1, -1), v.unsqueeze(0).expand(batch, -1, -1, -1)
+
+
+def apply(params: Any, surface: Surface) -> AppliedMethod:
+    kinds = sites_needed(params)
+    towers = towers_with(surface, params.tower, kinds, "prompt")
+    added: list[nn.Module] = []
+    expected = 0
+    routes = []
+    for tower in towers:
+        fan_in = _patch_fan_in(tower)
+        if "tokens" in kinds and tower.tokens is not None:
+            site = tower.tokens
+            source = SequencePrompts(params.count, site.dim, site.num_layers, params.deep, params.init, fan_in)
+            attach(surface.root, f"prompt_{tower.name}", source)
+            site.attach(source)
+            added.append(source)
+            expected += (site.num_layers if params.deep else 1) * params.count * site.dim
+            routes.append(f"{tower.name}: tokens")
+            continue
+        for site in tower.attention:
+            if site.project_kv is None:
+                raise CompatibilityError(
+                    f"method 'prompt': attention site '{site.name}' of backbone '{surface.backbone}' cannot project "
+                    "prompt tokens (no project_kv); use method 'prefix' there"
+                )
+            prompts = AttentionPrompts(site, params.count, params.init, fan_in)
+            attach(host(site.module), "prompt", prompts)
+            site.add_kv(prompts.kv)
+            added.append(prompts)
+            expected += params.count * site.dim
+        routes.append(f"{tower.name}: attention ({len(tower.attention)} sites)")
+    depth = "deep" if params.deep else "shallow"
+    summary = f"{params.count} {depth} prompts; {'; '.join(routes)}; {expected:,} parameters"
+    return AppliedMethod("prompt", added, summary, expected_parameters=expected)
