@@ -9,7 +9,7 @@ import torch
 
 import adaptkit
 from adaptkit.cli import main
-from adaptkit.errors import AdaptkitError, SpecError
+from adaptkit.errors import AdaptkitError, RunError, SpecError
 
 pytestmark = pytest.mark.skipif("clip" not in adaptkit.registry().names("backbone"), reason="needs the clip backbone")
 
@@ -91,6 +91,12 @@ def test_generator_mode_trains_only_the_method(tmp_path):
     assert result.strip.shape[1] == len(result.alphas)
     torch.testing.assert_close(result.strip[:, 0], result.before, atol=1e-5, rtol=1e-4)  # alpha 0 = the source generator
     torch.testing.assert_close(result.strip[:, result.alphas.index(1.0)], result.after, atol=1e-5, rtol=1e-4)
+
+
+def test_latent_mode_with_methods_is_refused_when_run(tmp_path):
+    spec = edit_spec(tmp_path, methods=[{"name": "lora", "rank": 2}])
+    with pytest.raises(RunError, match="use mode: generator"):
+        adaptkit.run(spec, log=lambda *_: None)
 
 
 def test_sources_seed_w_and_inverted_image_agree(tmp_path):
