@@ -149,6 +149,7 @@ def main() -> None:
         ("latent W+ (StyleCLIP defaults)", "latent W+", {"mode": "latent", "space": "w+"}),
         ("latent W", "latent W", {"mode": "latent", "space": "w"}),
         ("global directions (alpha 4, beta 0.1)", "global", {"mode": "global"}),
+        ("global directions (alpha 2, beta 0.1)", "global a2", {"mode": "global", "alpha": 2.0}),
         ("control: latent W+ towards 'three'", "control", {"mode": "latent", "space": "w+", "prompt": NEUTRAL, "neutral": PROMPT}),
     ]
     alpha_strip = None
