@@ -64,16 +64,17 @@ def test_internal_errors_exit_1(tmp_path, monkeypatch, capsys):
     assert "internal error" in capsys.readouterr().err
 
 
-def test_run_prints_metrics_and_refuses_to_clobber(tmp_path):
+def test_run_prints_metrics_and_refuses_to_clobber(tmp_path, capsys):
     path = write(tmp_path, "r.yaml", tiny_vit_spec(tmp_path))
     code, out, err = cli("run", path, "train.max_steps=3", "train.eval_every=3")
     assert code == 0, err
     assert "test: accuracy" in out and "trainable" in out
-    code, _, err = cli("run", path, "train.max_steps=3")
-    assert code == 2 and "already holds a run" in err and "--overwrite" in err
-    assert (tmp_path / "run" / "adapter.safetensors").exists()
-    code, _, err = cli("run", path, "--overwrite", "train.max_steps=3", "train.eval_every=3")
-    assert code == 0, err
+    before = (tmp_path / "run" / "adapter.safetensors").read_bytes()
+    assert main(["run", str(path), "train.max_steps=3"]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "--overwrite" in err
+    assert (tmp_path / "run" / "adapter.safetensors").read_bytes() == before
+    assert main(["run", str(path), "--overwrite", "train.max_steps=3", "train.eval_every=3", "train.progress=false"]) == 0
 
 
 def test_dry_run_and_plugins_and_schema(tmp_path):
