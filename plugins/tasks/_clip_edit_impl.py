@@ -69,7 +69,6 @@ class ClipStyleGanEditModel(TaskModel):
         self._mean_latent: torch.Tensor | None = None
         self._channels: core.ChannelDirections | None = None
         self._initial: dict[str, torch.Tensor] | None = None
-        self._pending: EditResult | None = None
 
     @classmethod
     def create(cls, params: Any, backbone: Any, info: Any, ctx: Any) -> "ClipStyleGanEditModel":
@@ -299,12 +298,12 @@ class ClipStyleGanEditModel(TaskModel):
             if shown is None:
                 shown = result
         summary = EditResult(self.params.mode, torch.empty(0), torch.empty(0), torch.empty(0), [], per_source, info=info).summary()
-        self._pending = shown
-        return {**summary, "count": len(seeds)}
+        # the first sources' images travel with the metrics to write_artifacts (not a number: not logged)
+        return {**summary, "count": len(seeds), "shown": shown}
 
     def write_artifacts(self, metrics: dict[str, Any], output_dir: Path, split: str) -> list[str]:
-        shown = self._pending
-        if shown is None:
+        shown = metrics.get("shown")
+        if not isinstance(shown, EditResult):
             return []
         k = min(self.params.strip_sources, len(shown.before))
         prompt = self.params.prompt
