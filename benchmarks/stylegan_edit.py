@@ -148,8 +148,8 @@ def main() -> None:
     modes = [
         ("latent W+ (StyleCLIP defaults)", "latent W+", {"mode": "latent", "space": "w+"}),
         ("latent W", "latent W", {"mode": "latent", "space": "w"}),
-        ("global directions (alpha 4, beta 0.1)", "global", {"mode": "global"}),
-        ("global directions (alpha 2, beta 0.1)", "global a2", {"mode": "global", "alpha": 2.0}),
+        ("global directions (alpha 4, beta 0.1)", "global alpha 4", {"mode": "global"}),
+        ("global directions (alpha 2, beta 0.1)", "global alpha 2", {"mode": "global", "alpha": 2.0}),
         ("control: latent W+ towards 'three'", "control", {"mode": "latent", "space": "w+", "prompt": NEUTRAL, "neutral": PROMPT}),
     ]
     alpha_strip = None
@@ -180,7 +180,7 @@ def main() -> None:
                result.before, result, time.perf_counter() - started)
 
     print(f"edit {len(threes)} generated 3s towards {PROMPT!r} (before any edit the judge calls all of them 3, none 8):\n")
-    print("| mode | judge: 8 | judge: still 3 | CLIP sim. to prompt | CLIP prefers '8' | latent L2 | pixel RMS | seconds |")
+    print("| mode | judge: 8 | judge: still 3 | CLIP sim. to prompt | CLIP prefers the prompt | latent L2 | pixel RMS | seconds |")
     print("|---|---|---|---|---|---|---|---|")
     for row in rows:
         print(f"| {row['mode']} | {100 * row['judge_8']:.0f}% | {100 * row['judge_3']:.0f}% | {row['clip']} | "

@@ -172,9 +172,9 @@ class ClipStyleGanEditModel(TaskModel):
             elif self.params.space == "w" and w.ndim == 3:
                 raise DataError("task.space is 'w' but the saved latent is W+; set task.space=w+")
             return w, {}
-        latents, mse = self.invert(images)
         if self.params.space == "w" and self.params.mode == "latent":
             raise DataError("an inverted image is a W+ latent; set task.space=w+ to edit it")
+        latents, mse = self.invert(images)
         return latents, {"inversion_mse": mse}
 
     def edit(self, seeds: Sequence[int] | None = None, w: torch.Tensor | None = None, images: torch.Tensor | None = None,
