@@ -23,6 +23,7 @@ COMMANDS = [
     "report",
     "generate",
     "classify",
+    "edit",
 ]
 
 

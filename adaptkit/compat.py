@@ -36,6 +36,8 @@ def require(
         return [f"method '{method}': tower is an empty list; name towers of backbone '{backbone}' ({', '.join(towers) or 'none'}) or 'all'"]
     if names is None:
         return [f"method '{method}': backbone '{backbone}' has no tower '{tower}'; towers: {', '.join(towers) or 'none'}"]
+    if not names:
+        return [f"method '{method}': tower names no tower; give all or some of: {', '.join(towers) or 'none'}"]
     sites = [site] if isinstance(site, str) else list(site)
     explicit = tower not in (None, "all", "both")
     offering = [n for n in names if any(s in towers[n].sites for s in sites)]

@@ -252,7 +252,9 @@ class _Suite:
         applied.unmerge()
         torch.testing.assert_close(self.loss_of(model, batch), unmerged, rtol=1e-4, atol=1e-5)
         for name, tensor in model.state_dict().items():
-            torch.testing.assert_close(tensor, before[name], rtol=0, atol=1e-5, msg=name)
+            # relative as well as absolute: a multiplicative merge (IA3) and its inverse round
+            # large weights (StyleGAN stores its mapping weights as randn / 0.01) by a few ulps
+            torch.testing.assert_close(tensor, before[name], rtol=1e-6, atol=1e-5, msg=name)
 
     def identity(self, backbone: Any, method: Any) -> None:
         model = self.build_or_skip(backbone, method)

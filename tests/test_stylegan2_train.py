@@ -1,0 +1,101 @@
+"""The ``stylegan2`` GAN training task on the bundled digits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import adaptkit
+from adaptkit.errors import DataError
+from adaptkit_plugins.backbones._stylegan2_impl import read_generator_file
+
+
+def gan_spec(tmp_path, **task) -> dict:
+    return {
+        "name": "gan",
+        "seed": 0,
+        "backbone": {"name": "stylegan2", "model": "stylegan2_tiny_8", "style_dim": 16, "channels": {4: 16, 8: 16}},
+        "methods": [{"name": "full"}],
+        "task": {"name": "stylegan2", "r1_every": 2, "samples": 4, "eval_samples": 32, **task},
+        "data": {"name": "digits", "split": [0.9, 0.05, 0.05]},
+        "train": {"max_steps": 3, "batch_size": 8, "lr": 2e-3, "betas": [0.0, 0.99], "weight_decay": 0.0,
+                  "grad_clip": None, "schedule": "constant", "warmup": 0, "progress": False},
+        "output": {"dir": str(tmp_path / "run")},
+    }
+
+
+def test_losses_keep_the_players_apart(tmp_path):
+    model = adaptkit.build(gan_spec(tmp_path))
+    real = torch.rand(4, 1, 8, 8) * 2 - 1
+    g_params = [p for p in model.backbone.parameters() if p.requires_grad]
+    d_params = list(model.discriminator.parameters())
+    assert g_params and d_params
+    torch.manual_seed(0)
+    parts = model.losses(real, regularise=True)
+    assert set(parts) == {"d_loss", "g_loss", "r1"} and all(torch.isfinite(v) for v in parts.values())
+    for name, owners, others in (("d_loss", d_params, g_params), ("r1", d_params, g_params), ("g_loss", g_params, d_params)):
+        grads = torch.autograd.grad(parts[name], owners + others, retain_graph=True, allow_unused=True)
+        mine, theirs = grads[: len(owners)], grads[len(owners):]
+        assert any(g is not None and g.abs().sum() > 0 for g in mine), name
+        assert all(g is None or g.abs().sum() == 0 for g in theirs), name
+
+
+def test_training_step_updates_generator_and_discriminator_and_ema(tmp_path):
+    model = adaptkit.build(gan_spec(tmp_path))
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    batch = {"images": torch.rand(8, 1, 8, 8) * 2 - 1, "labels": torch.zeros(8, dtype=torch.long)}
+    g_before = model.backbone.generator.conv1.conv.weight.detach().clone()
+    d_before = model.discriminator.final_conv[0].weight.detach().clone()
+    for _ in range(3):
+        out = model.training_step(batch)
+        assert torch.isfinite(out.loss) and out.count == 8 and "d_loss" in out.logs
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    weight = model.backbone.generator.conv1.conv.weight
+    assert not torch.equal(weight, g_before) and not torch.equal(model.discriminator.final_conv[0].weight, d_before)
+    ema = model.ema.get_buffer("generator__conv1__conv__weight")
+    assert not torch.equal(ema, weight.detach())  # the average lags behind
+    live = weight.detach().clone()
+    with model.ema_weights():
+        torch.testing.assert_close(weight.detach(), ema)
+    torch.testing.assert_close(weight.detach(), live)  # restored
+
+
+def test_short_run_writes_samples_and_a_loadable_generator(tmp_path):
+    result = adaptkit.run(gan_spec(tmp_path), log=lambda *_: None)
+    out = result.output_dir
+    for name in ("samples.png", "generator.safetensors", "metrics.json", "adapter.safetensors"):
+        assert (out / name).exists(), name
+    assert result.metrics["test"]["mmd"] == pytest.approx(result.metrics["test"]["mmd"])  # a number, not NaN
+    state = read_generator_file(out / "generator.safetensors")
+    assert state["conv1.conv.weight"].ndim == 5
+    # the written generator is the EMA one, and loads as a backbone
+    model = result.model
+    spec = gan_spec(tmp_path)
+    spec["backbone"]["pretrained"] = str(out / "generator.safetensors")
+    reloaded = adaptkit.build(spec)
+    z = torch.randn(2, 16)
+    with model.ema_weights():
+        expected = model.backbone.generate(z.to(next(model.parameters()).device)).cpu()
+    torch.testing.assert_close(reloaded.backbone.generate(z), expected)
+
+
+def test_lora_gan_finetuning_exports_merged_weights(tmp_path):
+    spec = gan_spec(tmp_path)
+    spec["methods"] = [{"name": "lora", "rank": 2, "targets": ["conv"]}]
+    result = adaptkit.run(spec, log=lambda *_: None)
+    trainable = [n for n, p in result.model.backbone.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora." in n for n in trainable)
+    state = read_generator_file(result.output_dir / "generator.safetensors")
+    assert not any("lora" in k for k in state)
+
+
+def test_bad_data_is_refused(tmp_path):
+    spec = gan_spec(tmp_path)
+    spec["data"]["channels"] = 3
+    with pytest.raises(DataError, match="3 channels but the generator makes 1"):
+        adaptkit.build(spec)
+    spec = gan_spec(tmp_path, d_channels={8: 16})
+    with pytest.raises(DataError, match="d_channels: no channel count for resolutions \\[4\\]"):
+        adaptkit.build(spec)
