@@ -60,3 +60,14 @@ def test_without_the_package_its_components_are_unknown(tmp_path):
     path.write_text((PACKAGE / "ia3_convnext_digits.yaml").read_text())
     done = adaptkit({**os.environ}, "validate", path)
     assert done.returncode == 2 and "unknown backbone 'convnext'" in done.stderr
+
+
+@pytest.mark.slow
+def test_the_package_passes_its_own_contract_tests(installed):
+    """The package's tests use adaptkit.testing's contract suite on its own components."""
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(PACKAGE / "tests")],
+        capture_output=True, text=True, env=installed, cwd=PACKAGE,
+    )
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert " passed" in done.stdout and "failed" not in done.stdout
