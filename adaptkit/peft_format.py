@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from adaptkit.errors import CheckpointError, CompatibilityError
+from adaptkit.lowrank import stack_updates
 from adaptkit.native import NativeModel, added_tensor_ids, native_copy
 
 CONFIG_FILE = "adapter_config.json"
@@ -57,26 +58,6 @@ _UNSUPPORTED = {
 
 
 # ------------------------------------------------------------------ export
-def _whole_factors(updates: list[Any], out_rows: int, rank: int | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Stack the updates of one layer into (A, B, scale) over all its rows; pad to ``rank``."""
-    scale = updates[0].scale
-    total = sum(u.rank for u in updates)
-    rank = max(rank or 0, total)
-    first = updates[0].a
-    a = torch.zeros(rank, *first.shape[1:], dtype=first.dtype)
-    b = torch.zeros(out_rows, rank, dtype=first.dtype)
-    column = 0
-    for u in updates:
-        start, stop = u.row_range
-        a[column : column + u.rank] = u.a.detach().cpu()
-        factor = u.b.detach().cpu()
-        if u.scale != scale:
-            factor = factor * (u.scale / scale)
-        b[start:stop, column : column + u.rank] = factor
-        column += u.rank
-    return a, b, scale
-
-
 def _number(value: float) -> float | int:
     return int(value) if float(value).is_integer() else float(value)
 
@@ -146,7 +127,7 @@ def peft_state(model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor
         for updates in slots.values():
             dropouts.update(u.dropout for u in updates)
         if "" in slots:
-            a, b, scale = _whole_factors(slots[""], int(module.weight.shape[0]))
+            a, b, scale = stack_updates(slots[""], int(module.weight.shape[0]))
             if isinstance(module, nn.Conv2d):
                 b = b[:, :, None, None]
             tensors[f"{PREFIX}{target}.lora_A.weight"], tensors[f"{PREFIX}{target}.lora_B.weight"] = a, b
@@ -157,8 +138,7 @@ def peft_state(model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor
             parts = {"": (in_updates, 3 * module.embed_dim), "base_layer.out_proj.": (out_updates, module.embed_dim)}
             for infix, (updates, rows) in parts.items():
                 if updates:
-                    rescaled = [_with_scale(u, scale) for u in updates]
-                    a, b, _ = _whole_factors(rescaled, rows, rank)
+                    a, b, _ = stack_updates(updates, rows, rank, scale)
                 else:
                     a, b = torch.zeros(rank, module.embed_dim), torch.zeros(rows, rank)
                 tensors[f"{PREFIX}{target}.{infix}lora_A.weight"] = a
@@ -194,19 +174,6 @@ def peft_state(model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor
 def _exact(name: str) -> str:
     """A rank_pattern key that PEFT matches against ``name`` only (it reads keys as regexes)."""
     return re.escape(name)
-
-
-class _Rescaled:
-    """An update seen with another scale (B multiplied by the ratio)."""
-
-    def __init__(self, update: Any, scale: float) -> None:
-        self.rows, self.a, self.scale, self.rank, self.dropout = update.rows, update.a, scale, update.rank, update.dropout
-        self.row_range = update.row_range
-        self.b = update.b.detach() * (update.scale / scale) if update.scale != scale else update.b
-
-
-def _with_scale(update: Any, scale: float) -> Any:
-    return _Rescaled(update, scale)
 
 
 def export_peft(model: nn.Module, directory: str | Path, include_base: bool = False) -> list[str]:
