@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +93,23 @@ class Backbone(nn.Module):
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError(f"{type(self).__name__} does not encode images")
+
+    # text_features capability (image-text models such as CLIP) -------------
+    # ``encode_image`` and ``encode_text`` map into one joint space; zero-shot
+    # logits are ``logit_scale * normalize(image) @ normalize(text).T``.
+
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:  # pragma: no cover - interface
+        """Token ids (n, context_length) of ``texts`` after the text site's transforms."""
+        raise NotImplementedError(f"{type(self).__name__} does not encode text")
+
+    def encode_text(self, texts: Sequence[str] | torch.Tensor, normalize: bool = False) -> torch.Tensor:  # pragma: no cover - interface
+        """Text features (n, feature_dim): from strings (through the text site) or token ids."""
+        raise NotImplementedError(f"{type(self).__name__} does not encode text")
+
+    @property
+    def logit_scale(self) -> torch.Tensor:  # pragma: no cover - interface
+        """The (exponentiated) temperature that multiplies cosine similarities."""
+        raise NotImplementedError(f"{type(self).__name__} has no image-text logit scale")
 
     def extra_repr(self) -> str:
         return self.registered_name

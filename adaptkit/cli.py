@@ -22,6 +22,7 @@ COMMANDS = [
     "schema",
     "runs",
     "report",
+    "classify",
     "export",
     "import",
     "merge",

@@ -145,18 +145,45 @@ class TokenSite:
 
 
 class TextSite:
-    """The text a tower is fed. Methods add ``transforms`` (str -> str), applied in order."""
+    """The text a tower is fed. Methods add ``transforms``, applied in order.
+
+    A transform maps one text to one text (``"7" -> "a photo of a 7."``), or to a
+    list of variants (a template ensemble); a tower that encodes text averages the
+    normalised embeddings of every variant of an input (see :meth:`expand`).
+    """
 
     def __init__(self) -> None:
-        self.transforms: list[Callable[[str], str]] = []
+        self.transforms: list[Callable[[str], str | list[str]]] = []
 
-    def add(self, transform: Callable[[str], str]) -> None:
+    def add(self, transform: Callable[[str], str | list[str]]) -> None:
         self.transforms.append(transform)
 
-    def apply(self, texts: Sequence[str]) -> list[str]:
-        out = list(texts)
+    def expand(self, text: str) -> list[str]:
+        """Every variant of ``text`` after all transforms (one unless a transform is an ensemble).
+
+        Example: with templates ``["a {label}.", "the {label}."]``,
+        ``site.expand("7") == ["a 7.", "the 7."]``.
+        """
+        variants = [text]
         for transform in self.transforms:
-            out = [transform(t) for t in out]
+            out: list[str] = []
+            for variant in variants:
+                result = transform(variant)
+                out += [result] if isinstance(result, str) else list(result)
+            variants = out
+        return variants
+
+    def apply(self, texts: Sequence[str]) -> list[str]:
+        """One rewritten text per input; an error if a transform yields several variants."""
+        out = []
+        for text in texts:
+            variants = self.expand(text)
+            if len(variants) != 1:
+                raise CompatibilityError(
+                    f"the text {text!r} becomes {len(variants)} variants (a template ensemble); "
+                    "encode it with the backbone's encode_text, which averages their embeddings"
+                )
+            out.append(variants[0])
         return out
 
 

@@ -43,3 +43,23 @@ def _torch_threads():
         return
     torch.set_num_threads(1)
     yield
+
+
+# --------------------------------------------------------------------- CLIP
+@pytest.fixture(scope="session")
+def clip_run(tmp_path_factory):
+    """A finished zero-shot run directory of the tiny CLIP (templates only, nothing trained)."""
+    import adaptkit
+
+    out = tmp_path_factory.mktemp("clip") / "run"
+    spec = {
+        "name": "clip_zero_shot",
+        "backbone": {"name": "clip", "model": "clip_tiny_digits"},
+        "methods": [{"name": "system_prompt", "templates": ["a photo of the digit {label}."]}],
+        "task": {"name": "zero_shot"},
+        "data": {"name": "digits", "classes": [0, 1, 2]},
+        "train": {"progress": False},
+        "output": {"dir": str(out)},
+    }
+    adaptkit.run(spec, log=lambda *_: None)
+    return out

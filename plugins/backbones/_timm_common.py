@@ -127,6 +127,13 @@ def load_local(net: nn.Module, path: str) -> None:
     for key in head_keys:
         if key not in own:
             state.pop(key)
+    check_state(state, own, path)
+    with torch.no_grad():
+        net.load_state_dict(state, strict=True)
+
+
+def check_state(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor], path: Any) -> None:
+    """A clear :class:`CheckpointError` unless ``state`` has exactly ``own``'s names and shapes."""
     unexpected = sorted(set(state) - set(own))
     if unexpected:
         adapter_like = [k for k in unexpected if any(w in k for w in ("lora", "prompt", "adapter", "prefix"))]
@@ -144,8 +151,6 @@ def load_local(net: nn.Module, path: str) -> None:
         raise CheckpointError(
             f"backbone.pretrained: {path}: {key} has shape {tuple(state[key].shape)}, the model expects {tuple(own[key].shape)}"
         )
-    with torch.no_grad():
-        net.load_state_dict(state, strict=True)
 
 
 def block_layer_sites(prefix: str, block: nn.Module) -> list[LayerSite]:

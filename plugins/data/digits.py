@@ -32,21 +32,28 @@ class DigitsParams(ImageDataParams):
         return value
 
 
-def load_digits_bundle(params: DigitsParams, ctx: Any) -> Any:
+def load_digit_images(classes: list[int] | None) -> tuple[Any, Any, Any]:
+    """(images (n, 1, 8, 8) in [-1, 1], labels 0..k-1 in the order of ``classes``, the original digits)."""
     import numpy as np
     import torch
     from sklearn.datasets import load_digits
 
-    from adaptkit_plugins.data._images import labelled_bundle
-
     digits = load_digits()
     x, y = digits.images.astype("float32"), digits.target
-    classes = params.classes if params.classes is not None else list(range(10))
+    classes = classes if classes is not None else list(range(10))
     keep = np.isin(y, classes)
     x, y = x[keep], y[keep]
     relabel = {c: i for i, c in enumerate(classes)}
     labels = np.array([relabel[v] for v in y])
     images = torch.from_numpy(x / 8.0 - 1.0).unsqueeze(1)  # 0..16 -> [-1, 1]
+    return images, labels, y
+
+
+def load_digits_bundle(params: DigitsParams, ctx: Any) -> Any:
+    from adaptkit_plugins.data._images import labelled_bundle
+
+    images, labels, _ = load_digit_images(params.classes)
+    classes = params.classes if params.classes is not None else list(range(10))
     return labelled_bundle(images, labels, [str(c) for c in classes], params, ctx, source_size=8)
 
 

@@ -59,31 +59,8 @@ class ClassificationModel(TaskModel):
 
     @torch.no_grad()
     def evaluate(self, batches: Iterable[dict[str, Any]]) -> dict[str, Any]:
-        n = self.head.out_features
-        confusion = torch.zeros(n, n, dtype=torch.long)
-        loss_sum, count, topk_hits = 0.0, 0, 0
-        k = min(self.top_k, n)
-        for batch in batches:
-            logits = self.logits(batch["images"]).float()
-            labels = batch["labels"]
-            loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
-            count += len(labels)
-            predicted = logits.argmax(dim=1)
-            confusion += torch.bincount(labels.cpu() * n + predicted.cpu(), minlength=n * n).reshape(n, n)
-            topk_hits += (logits.topk(k, dim=1).indices == labels[:, None]).any(dim=1).sum().item()
-        if count == 0:
-            return {}
-        per_class = confusion.diag().float() / confusion.sum(dim=1).clamp(min=1).float()
-        metrics: dict[str, Any] = {
-            "accuracy": confusion.diag().sum().item() / count,
-            "loss": loss_sum / count,
-            "per_class_accuracy": {name: round(float(a), 4) for name, a in zip(self.class_names, per_class)},
-            "confusion_matrix": confusion.tolist(),
-            "count": count,
-        }
-        if n > self.top_k:
-            metrics[f"top{self.top_k}_accuracy"] = topk_hits / count
-        return metrics
+        scored = ((self.logits(batch["images"]).float(), batch["labels"]) for batch in batches)
+        return classification_metrics(scored, self.class_names, self.top_k, self.head.out_features)
 
     def write_artifacts(self, metrics: dict[str, Any], output_dir: Path, split: str) -> list[str]:
         if "confusion_matrix" not in metrics:
@@ -96,6 +73,36 @@ class ClassificationModel(TaskModel):
         png = output_dir / f"confusion_matrix_{split}.png"
         _plot_confusion(matrix, self.class_names, png, f"{split}: accuracy {metrics['accuracy']:.3f}")
         return [csv.name, png.name]
+
+
+@torch.no_grad()
+def classification_metrics(
+    scored: Iterable[tuple[torch.Tensor, torch.Tensor]], class_names: list[str], top_k: int, num_classes: int | None = None
+) -> dict[str, Any]:
+    """Accuracy, loss, per-class accuracy, confusion matrix and top-k accuracy of (logits, labels) batches."""
+    n = num_classes or len(class_names)
+    confusion = torch.zeros(n, n, dtype=torch.long)
+    loss_sum, count, topk_hits = 0.0, 0, 0
+    k = min(top_k, n)
+    for logits, labels in scored:
+        loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+        count += len(labels)
+        predicted = logits.argmax(dim=1)
+        confusion += torch.bincount(labels.cpu() * n + predicted.cpu(), minlength=n * n).reshape(n, n)
+        topk_hits += (logits.topk(k, dim=1).indices == labels[:, None]).any(dim=1).sum().item()
+    if count == 0:
+        return {}
+    per_class = confusion.diag().float() / confusion.sum(dim=1).clamp(min=1).float()
+    metrics: dict[str, Any] = {
+        "accuracy": confusion.diag().sum().item() / count,
+        "loss": loss_sum / count,
+        "per_class_accuracy": {name: round(float(a), 4) for name, a in zip(class_names, per_class)},
+        "confusion_matrix": confusion.tolist(),
+        "count": count,
+    }
+    if n > top_k:
+        metrics[f"top{top_k}_accuracy"] = topk_hits / count
+    return metrics
 
 
 def _plot_confusion(matrix: list[list[int]], names: list[str], path: Path, title: str) -> None:

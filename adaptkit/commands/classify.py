@@ -1,0 +1,141 @@
+"""adaptkit classify RUN_OR_SPEC --labels a,b,c IMAGE... : rank text labels for each image.
+
+Works with any backbone that encodes both images and text (capability
+``text_features``, e.g. CLIP): each label is encoded through the model's text site
+(so ``system_prompt`` templates and learned context apply), each image through the
+image tower, and the labels are ranked by ``softmax(logit_scale * cosine)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from adaptkit.errors import CompatibilityError, DataError, SpecError
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "classify", help="rank text labels for images with an image-text model (zero-shot)",
+        description="Rank labels for each image by image-text similarity. RUN_OR_SPEC is a run directory "
+        "(its spec.yaml and adapter.safetensors are loaded) or a YAML spec (its base weights are used).",
+    )
+    p.add_argument("run", metavar="RUN_OR_SPEC", help="a run directory or a YAML spec")
+    p.add_argument("images", metavar="IMAGE", nargs="+", help="image files (PNG, JPEG, ...)")
+    p.add_argument("--labels", help="comma-separated labels, e.g. 'cat,dog,car'; default: the run's class names")
+    p.add_argument("--top", type=int, default=5, help="how many ranked labels to print per image (default 5)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    return p
+
+
+def parse_labels(text: str) -> list[str]:
+    labels = [label.strip() for label in text.split(",")]
+    if any(not label for label in labels):
+        raise SpecError(f"--labels: empty label in {text!r}; separate labels by commas, e.g. --labels cat,dog")
+    if len(labels) < 2:
+        raise SpecError("--labels: give at least two labels to rank")
+    repeated = sorted({label for label in labels if labels.count(label) > 1})
+    if repeated:
+        raise SpecError(f"--labels: '{repeated[0]}' is given more than once")
+    return labels
+
+
+def resolve_run(target: str) -> tuple[Path, Path | None]:
+    """(spec file, adapter file or None) of a run directory or a spec file."""
+    path = Path(target)
+    if path.is_dir():
+        spec = path / "spec.yaml"
+        if not spec.is_file():
+            raise SpecError(f"{path} is not a run directory (it has no spec.yaml)")
+        adapter = path / "adapter.safetensors"
+        return spec, adapter if adapter.is_file() else None
+    if not path.exists():
+        raise SpecError(f"{path}: no such run directory or spec file")
+    return path, None
+
+
+def load_image(path: str, channels: int, size: tuple[int, int]) -> Any:
+    """One image as a (channels, H, W) tensor in [-1, 1], resized to ``size``."""
+    import numpy as np
+    import torch
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image = image.convert("L" if channels == 1 else "RGB")
+            if image.size != (size[1], size[0]):
+                image = image.resize((size[1], size[0]), Image.BILINEAR)
+            array = np.asarray(image, dtype=np.float32)
+    except FileNotFoundError:
+        raise DataError(f"{path}: image not found") from None
+    except (UnidentifiedImageError, OSError) as exc:
+        raise DataError(f"{path}: cannot read image ({exc})") from None
+    tensor = torch.from_numpy(array)
+    tensor = tensor.unsqueeze(0) if tensor.ndim == 2 else tensor.permute(2, 0, 1)
+    return tensor / 127.5 - 1.0
+
+
+def rank(model: Any, images: Any, labels: list[str]) -> Any:
+    """Probabilities (n_images, n_labels): softmax of logit_scale * cosine(image, text(label))."""
+    import torch
+    import torch.nn.functional as F
+
+    backbone = model.backbone
+    with torch.no_grad():
+        image_features = F.normalize(backbone.encode_image(images).float(), dim=-1)
+        text_features = F.normalize(backbone.encode_text(labels).float(), dim=-1)
+        return (backbone.logit_scale.float() * image_features @ text_features.T).softmax(dim=-1)
+
+
+def main(args: argparse.Namespace) -> int:
+    import torch
+
+    from adaptkit.builder import build
+    from adaptkit.checkpoint import load_adapter
+    from adaptkit.spec import load_spec
+
+    if args.top < 1:
+        raise SpecError("--top must be at least 1")
+    labels = parse_labels(args.labels) if args.labels is not None else None
+    spec_file, adapter = resolve_run(args.run)
+    spec = load_spec(spec_file)
+    model = build(spec)
+    backbone = model.backbone
+    if "text_features" not in backbone.capabilities:
+        raise CompatibilityError(
+            f"backbone '{spec.backbone.name}' does not encode text; classify ranks labels by image-text similarity "
+            "and needs a backbone such as clip"
+        )
+    if adapter is not None:
+        load_adapter(model, adapter)
+    if labels is None:
+        names = getattr(model, "class_names", None) or model.adaptkit.data_info.class_names
+        if not names or len(names) < 2:
+            raise SpecError("--labels: this run has no class names; give the labels, e.g. --labels cat,dog")
+        labels = list(names)
+    device = torch.device(args.device)
+    model.to(device).eval()
+    size = backbone.image_size if isinstance(backbone.image_size, tuple) else (backbone.image_size, backbone.image_size)
+    batch = torch.stack([load_image(p, backbone.in_chans, size) for p in args.images]).to(device)
+    probabilities = rank(model, batch, labels).cpu()
+    report = []
+    for path, row in zip(args.images, probabilities):
+        order = row.argsort(descending=True).tolist()
+        report.append({
+            "image": path,
+            "ranking": [{"label": labels[i], "probability": round(float(row[i]), 6), "rank": r + 1} for r, i in enumerate(order)],
+        })
+    if args.json:
+        json.dump(report, sys.stdout, indent=2)
+        print()
+        return 0
+    total = len(labels)
+    for entry in report:
+        print(entry["image"])
+        for item in entry["ranking"][: args.top]:
+            print(f"  {item['label']} {100 * item['probability']:.1f}%, ranked {item['rank']} of {total}")
+    return 0
