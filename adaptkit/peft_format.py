@@ -150,6 +150,17 @@ def peft_state(model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor
             tensors[f"{PREFIX}{theirs}.{pname}"] = p.detach().clone()
     r = Counter(ranks.values()).most_common(1)[0][0]
     alpha = Counter(alphas.values()).most_common(1)[0][0]
+    # PEFT matches list entries and pattern keys as name suffixes: a text tower's
+    # "transformer.resblocks.0.attn" is also the end of "visual.transformer.resblocks.0.attn"
+    names = [n for n, _ in native.model.named_modules()]
+    ambiguous = {t for t in grouped if any(n != t and n.endswith(f".{t}") for n in names)}
+    targets: list[str] | str = sorted(grouped)
+    if ambiguous:
+        targets = "(?:" + "|".join(re.escape(t) for t in sorted(grouped)) + ")"  # a string is matched whole
+
+    def key(target: str) -> str:
+        return ("^" if target in ambiguous else "") + re.escape(target)
+
     config = {
         "peft_type": "LORA",
         "task_type": None,
@@ -157,9 +168,9 @@ def peft_state(model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor
         "r": r,
         "lora_alpha": _number(alpha),
         "lora_dropout": max(dropouts),
-        "target_modules": sorted(grouped),
-        "rank_pattern": {_exact(t): v for t, v in ranks.items() if v != r},
-        "alpha_pattern": {_exact(t): _number(v) for t, v in alphas.items() if v != alpha},
+        "target_modules": targets,
+        "rank_pattern": {key(t): v for t, v in ranks.items() if v != r},
+        "alpha_pattern": {key(t): _number(v) for t, v in alphas.items() if v != alpha},
         "modules_to_save": sorted(native.task_modules.values()) or None,
         "use_rslora": False,
         "use_dora": False,
@@ -169,11 +180,6 @@ def peft_state(model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor
         "inference_mode": True,
     }
     return config, tensors, native
-
-
-def _exact(name: str) -> str:
-    """A rank_pattern key that PEFT matches against ``name`` only (it reads keys as regexes)."""
-    return re.escape(name)
 
 
 def export_peft(model: nn.Module, directory: str | Path, include_base: bool = False) -> list[str]:
@@ -188,6 +194,13 @@ def export_peft(model: nn.Module, directory: str | Path, include_base: bool = Fa
     from adaptkit.native import leftover_task_tensors
 
     config, tensors, native = peft_state(model)
+    notes = []
+    if any(k.endswith(".base_layer.out_proj.lora_B.weight") and v.any() for k, v in tensors.items()):
+        notes.append(
+            "LoRA on out_proj of nn.MultiheadAttention: PEFT up to at least 0.21.2 adds that update twice in "
+            "MultiheadAttention's forward and merge (huggingface/peft pull request 3774); with such a PEFT the "
+            "outputs differ from adaptkit's until the fix is released. The factors here are the exact ones."
+        )
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
@@ -208,16 +221,19 @@ def export_peft(model: nn.Module, directory: str | Path, include_base: bool = Fa
         "recipe": native.recipe,
         "task_modules": native.task_modules,
         "files": files,
+        "notes": notes,
     }, indent=2) + "\n")
-    (directory / "README.md").write_text(_readme(config, native, files))
+    (directory / "README.md").write_text(_readme(config, native, files, notes))
     return [*files, ADAPTKIT_FILE, "README.md"]
 
 
-def _readme(config: dict[str, Any], native: NativeModel, files: list[str]) -> str:
+def _readme(config: dict[str, Any], native: NativeModel, files: list[str], notes: list[str]) -> str:
     recipe = native.recipe
+    targets = config["target_modules"]
+    count = len(targets) if isinstance(targets, list) else targets.count("|") + 1
     lines = [
         "# LoRA adapter exported by adaptkit", "",
-        f"PEFT LoRA: r={config['r']}, lora_alpha={config['lora_alpha']}, {len(config['target_modules'])} target modules"
+        f"PEFT LoRA: r={config['r']}, lora_alpha={config['lora_alpha']}, {count} target modules"
         + (f", modules_to_save {config['modules_to_save']}" if config["modules_to_save"] else "") + ".", "",
         f"Base model ({recipe.get('library', 'native library')}): `{json.dumps({k: v for k, v in recipe.items() if k != 'python'})}`", "",
         "```python",
@@ -230,6 +246,7 @@ def _readme(config: dict[str, Any], native: NativeModel, files: list[str]) -> st
         lines += ["`task_modules.safetensors` holds trained task modules (e.g. a classification head) that the plain model has no place for.", ""]
     if "base_model.safetensors" in files:
         lines += ["`base_model.safetensors` holds the base weights with the library's own names.", ""]
+    lines += [f"Note: {note}\n" for note in notes]
     return "\n".join(lines)
 
 

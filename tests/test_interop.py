@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -172,3 +173,105 @@ def test_what_cannot_travel_is_a_clear_error(tmp_path):
         import_peft(tmp_path, spec_for(tmp_path, "vit", []))
     with pytest.raises(RunError, match="no adapter.safetensors"):
         load_trained(tmp_path)
+
+
+# ------------------------------------------------------------------ clip (open_clip)
+CLIP_BASE = {"name": "clip", "model": "clip_tiny_digits"}
+TEXTS = ["a photo of the digit 3", "seven", "a blurry 5"]
+
+
+def clip_spec(tmp_path, methods):
+    return tiny_vit_spec(tmp_path, backbone=CLIP_BASE, methods=methods, data={"name": "digits", "classes": [5, 6, 7, 8, 9], "channels": 3})
+
+
+def clip_outputs(encode_image, encode_text, backbone):
+    """Image features (of images normalised as the backbone does) and text features."""
+    pixels = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    ids = backbone.tokenize(TEXTS)
+    return encode_image(backbone.normalise_images(pixels)), encode_text(ids)
+
+
+def test_clip_lora_exports_to_peft_on_open_clip_and_imports_back(tmp_path):
+    from safetensors.torch import load_file
+
+    methods = [{"name": "lora", "rank": 2, "targets": ["attn.q", "attn.v", "mlp.in", "mlp.out"]},
+               {"name": "lora", "rank": 3, "tower": "vision", "targets": ["embed", "attn.k"]}]
+    model = randomised(adaptkit.build(clip_spec(tmp_path, methods)))
+    backbone = model.backbone
+    ours = clip_outputs(lambda x: backbone.net.visual(x), backbone.encode_text, backbone)
+    export_peft(model, tmp_path / "peft")
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    # "transformer.resblocks.0.attn" (text) ends "visual.transformer.resblocks.0.attn": a regex matched whole
+    assert re.fullmatch(config["target_modules"], "visual.transformer.resblocks.0.attn")
+    assert not re.fullmatch(config["target_modules"], "visual.transformer.resblocks.0.mlp")
+    # in_proj q/v (rank 2 each) + k (rank 3) on the vision tower: one MultiheadAttention LoRA of rank 7;
+    # the text tower's (q/v: rank 4) keys are anchored, as they too end the vision names
+    assert config["r"] == 2 and config["rank_pattern"] == {
+        **{rf"visual\.transformer\.resblocks\.{i}\.attn": 7 for i in range(2)},
+        **{rf"^transformer\.resblocks\.{i}\.attn": 4 for i in range(2)},
+        r"visual\.conv1": 3,
+    }
+    plain = native_copy(model).model
+    assert isinstance(plain.visual.transformer.resblocks[0].attn, torch.nn.MultiheadAttention)
+    peft_model = peft.PeftModel.from_pretrained(plain, tmp_path / "peft").eval()
+    theirs = clip_outputs(peft_model.encode_image, peft_model.encode_text, backbone)
+    for a, b in zip(theirs, ours):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # open_clip has no classifier: the head travels beside the adapter
+    head = load_file(tmp_path / "peft" / "task_modules.safetensors")
+    assert torch.equal(head["head.weight"], model.head.weight.detach())
+    back = import_peft(tmp_path / "peft")
+    again = clip_outputs(lambda x: back.backbone.net.visual(x), back.backbone.encode_text, back.backbone)
+    for a, b in zip(again, ours):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_clip_out_proj_factors_are_exact_and_peft_multihead_bug_is_known(tmp_path):
+    model = randomised(adaptkit.build(clip_spec(tmp_path, [{"name": "lora", "rank": 2, "tower": "text", "targets": ["attn.out"]}])))
+    backbone = model.backbone
+    ours = clip_outputs(lambda x: backbone.net.visual(x), backbone.encode_text, backbone)[1]
+    export_peft(model, tmp_path / "peft")
+    assert "huggingface/peft pull request 3774" in (tmp_path / "peft" / "README.md").read_text()
+    from safetensors.torch import load_file
+
+    tensors = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+
+    def reference(times):
+        """Plain open_clip with out_proj.weight += times * (alpha / r) B A, read from the exported file."""
+        plain = native_copy(model).model
+        with torch.no_grad():
+            for i, block in enumerate(plain.transformer.resblocks):
+                stem = f"base_model.model.transformer.resblocks.{i}.attn.base_layer.out_proj"
+                a, b = tensors[f"{stem}.lora_A.weight"], tensors[f"{stem}.lora_B.weight"]
+                block.attn.out_proj.weight += times * config["lora_alpha"] / config["r"] * (b @ a)
+        return plain.eval().encode_text(backbone.tokenize(TEXTS))
+
+    torch.testing.assert_close(reference(1), ours, rtol=1e-5, atol=1e-5)  # the factors mean what LoRA means
+    theirs = peft.PeftModel.from_pretrained(native_copy(model).model, tmp_path / "peft").eval().encode_text(backbone.tokenize(TEXTS))
+    # PEFT with the fix computes ours; PEFT <= 0.21.2 adds the out_proj update twice
+    assert torch.allclose(theirs, ours, rtol=1e-5, atol=1e-5) or torch.allclose(theirs, reference(2), rtol=1e-5, atol=1e-5)
+
+
+def test_clip_merge_loads_into_plain_open_clip(tmp_path):
+    import open_clip
+    from safetensors.torch import load_file
+
+    methods = [{"name": "lora", "rank": 2}, {"name": "full", "tower": "text", "targets": ["attn.q"]}]
+    model = randomised(adaptkit.build(clip_spec(tmp_path, methods)))
+    backbone = model.backbone
+    ours = clip_outputs(lambda x: backbone.net.visual(x), backbone.encode_text, backbone)
+    assert cli_free_merge(model, tmp_path / "merged") == {"open_clip_config.json", "open_clip_model.safetensors",
+                                                         "task_modules.safetensors", "adaptkit_native.json"}
+    plain = open_clip.create_model(f"local-dir:{tmp_path / 'merged'}").eval()  # no adaptkit involved
+    theirs = clip_outputs(plain.encode_image, plain.encode_text, backbone)
+    for a, b in zip(theirs, ours):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    head = load_file(tmp_path / "merged" / "task_modules.safetensors")
+    logits = torch.nn.functional.linear(theirs[0], head["head.weight"], head["head.bias"])
+    torch.testing.assert_close(logits, model.head(ours[0]), rtol=1e-5, atol=1e-5)
+
+
+def cli_free_merge(model, directory):
+    merge_to_native(model, directory)
+    return {p.name for p in directory.iterdir()}

@@ -28,4 +28,8 @@ def main(args: argparse.Namespace) -> int:
     out = prepare_output(args.out, args.overwrite)
     files = export_peft(model, out, include_base=args.include_base)
     print(f"wrote {out}/: {', '.join(files)}")
+    import json
+
+    for note in json.loads((out / "adaptkit.json").read_text()).get("notes", []):
+        print(f"note: {note}")
     return 0
