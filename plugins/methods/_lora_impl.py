@@ -4,8 +4,8 @@ One :class:`LoraDelta` is attached to each adapted layer as a child module named
 ``lora`` (the base layer's own parameter names do not change) and adds its update
 through a forward hook. Several roles inside one fused layer (q and v of ``qkv``)
 share the delta: one matmul computes every part's low-rank projection, and each
-part's update is added in place to its own rows of the output (no concatenation,
-no copy of the layer's output).
+part's update is accumulated into its own rows of the layer's output by one GEMM
+(``addmm_``: no concatenation, no copy of the output, no separate addition).
 
 The hook is only registered while it has work to do: merging the delta into the
 weight, or switching it off, removes it, so a merged model runs at the base
@@ -86,7 +86,7 @@ class LoraDelta(nn.Module):
     # -- forward -------------------------------------------------------------
     def _hook(self, module: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
         x = args[0]
-        a = self.lora_a
+        a, b, scale = self.lora_a, self.lora_b, self.scale
         if x.dtype != a.dtype:
             x = x.to(a.dtype)
         if self.dropout_p:
@@ -94,14 +94,23 @@ class LoraDelta(nn.Module):
         if self.conv:
             layer = self._layer[0]
             h = F.conv2d(x, a, None, layer.stride, layer.padding, layer.dilation)
-        else:
-            h = F.linear(x, a)
-        b, scale = self.lora_b, self.scale
+            return self._add(out, h, b, scale, 1)
+        h = F.linear(x, a)
+        if not (out.dtype == h.dtype == b.dtype) or not out.is_contiguous():  # autocast, unusual layouts: the general way
+            return self._add(out, h, b, scale, -1)
+        # out += scale * h @ B^T as one accumulating GEMM into the layer's own output: no copy of it
+        flat_out, flat_h = out.view(-1, out.shape[-1]), h.reshape(-1, h.shape[-1])
         if self.whole:
-            delta = F.conv2d(h, b[:, :, None, None]) if self.conv else F.linear(h, b)
-            return out.add_(delta.to(out.dtype), alpha=scale)
+            flat_out.addmm_(flat_h, b.t(), alpha=scale)
+            return out
         r = self.rank
-        channel = 1 if self.conv else -1
+        for i, (offset, start, size) in enumerate(self._blocks):
+            flat_out.narrow(1, start, size).addmm_(flat_h.narrow(1, i * r, r), b.narrow(0, offset, size).t(), alpha=scale)
+        return out
+
+    def _add(self, out: torch.Tensor, h: torch.Tensor, b: torch.Tensor, scale: float, channel: int) -> torch.Tensor:
+        """out[rows of each part] += scale * B_part h_part, along ``channel`` (1 for conv maps)."""
+        r = self.rank
         for i, (offset, start, size) in enumerate(self._blocks):
             part_h = h.narrow(channel, i * r, r)
             part_b = b.narrow(0, offset, size)
