@@ -211,8 +211,8 @@ def export_peft(model: nn.Module, directory: str | Path, include_base: bool = Fa
         save_tensors(directory / "task_modules.safetensors", leftover, {"format": "adaptkit.task_modules/1"})
         files.append("task_modules.safetensors")
     if include_base:
-        base = {k: v for k, v in native.model.state_dict().items() if not any(k.startswith(f"{m}.") for m in native.task_modules.values())}
-        save_tensors(directory / "base_model.safetensors", base, {"format": "pt"})
+        # the whole plain model (a classifier included, which modules_to_save replaces anyway)
+        save_tensors(directory / "base_model.safetensors", native.model.state_dict(), {"format": "pt"})
         files.append("base_model.safetensors")
     info = model.adaptkit
     (directory / ADAPTKIT_FILE).write_text(json.dumps({
@@ -245,7 +245,8 @@ def _readme(config: dict[str, Any], native: NativeModel, files: list[str], notes
     if "task_modules.safetensors" in files:
         lines += ["`task_modules.safetensors` holds trained task modules (e.g. a classification head) that the plain model has no place for.", ""]
     if "base_model.safetensors" in files:
-        lines += ["`base_model.safetensors` holds the base weights with the library's own names.", ""]
+        lines += ["`base_model.safetensors` holds the base weights with the library's own names: "
+                  "`model.load_state_dict(safetensors.torch.load_file('base_model.safetensors'))` before PeftModel.from_pretrained.", ""]
     lines += [f"Note: {note}\n" for note in notes]
     return "\n".join(lines)
 

@@ -10,7 +10,9 @@ trainable classification head (PEFT: ``modules_to_save``; open_clip has no class
 there the head sits outside the model for both).
 
 Measured, one thread, the variants of a repetition run back to back in a rotating order
-and each figure is the median over repetitions (paired ratios: per repetition):
+and each figure is the median over repetitions (paired ratios: per repetition), in CPU
+time of the process (the computation's own time: on a shared machine wall time also
+counts other jobs; wall-time ratios are printed too):
 
 - training step (forward, cross-entropy, backward, AdamW step) of our LoRA over PEFT's,
   and of a full fine-tuning step over our LoRA step;
@@ -171,24 +173,33 @@ def checkpoint_sizes(ours: torch.nn.Module, theirs: Any) -> dict[str, int]:
         return {"ours": path.stat().st_size, "peft": (Path(folder) / "peft" / "adapter_model.safetensors").stat().st_size}
 
 
-def timed(fn: Callable[[], Any]) -> float:
-    started = time.perf_counter()
+def timed(fn: Callable[[], Any]) -> tuple[float, float]:
+    """(CPU seconds of this process, wall seconds) of one call.
+
+    CPU time leaves out the time the OS gives other jobs on a shared machine (with one
+    thread it is the computation's own time); wall time includes it.
+    """
+    cpu, wall = time.process_time(), time.perf_counter()
     fn()
-    return time.perf_counter() - started
+    return time.process_time() - cpu, time.perf_counter() - wall
 
 
-def measure(variants: dict[str, Variant], names: list[str], action: str, images: torch.Tensor, labels: torch.Tensor, reps: int) -> dict[str, list[float]]:
-    """Seconds per call of each variant, per repetition; variants rotate their order each repetition."""
+def measure(variants: dict[str, Variant], names: list[str], action: str, images: torch.Tensor, labels: torch.Tensor,
+            reps: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """(CPU, wall) seconds per call of each variant, per repetition; the order rotates every repetition."""
     for name in names:
         variants[name].train(action == "train")
         for _ in range(2):  # warm-up
             _run(variants[name], action, images, labels)
-    times: dict[str, list[float]] = {n: [] for n in names}
+    cpu: dict[str, list[float]] = {n: [] for n in names}
+    wall: dict[str, list[float]] = {n: [] for n in names}
     for rep in range(reps):
         order = names[rep % len(names):] + names[: rep % len(names)]
         for name in order:
-            times[name].append(timed(lambda v=variants[name]: _run(v, action, images, labels)))
-    return times
+            c, w = timed(lambda v=variants[name]: _run(v, action, images, labels))
+            cpu[name].append(c)
+            wall[name].append(w)
+    return cpu, wall
 
 
 def _run(variant: Variant, action: str, images: torch.Tensor, labels: torch.Tensor) -> None:
@@ -241,24 +252,28 @@ def run_model(model: str, args: argparse.Namespace) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(2)
     images = torch.randn(args.batch, 3, cfg["image"], cfg["image"], generator=gen)
     labels = torch.randint(0, 10, (args.batch,), generator=gen)
-    train = measure(variants, ["ours", "peft", "full"], "train", images, labels, args.reps)
-    infer = measure(variants, ["base", "ours", "peft", "ours_merged", "peft_merged"], "infer", images, labels, args.reps)
+    train_cpu, train_wall = measure(variants, ["ours", "peft", "full"], "train", images, labels, args.reps)
+    infer_cpu, infer_wall = measure(variants, ["base", "ours", "peft", "ours_merged", "peft_merged"], "infer", images, labels, args.reps)
     memory = {n: peak_memory(variants[n], images, labels) for n in ("ours", "peft", "full")}
 
-    def ratios(times: dict[str, list[float]], a: str, b: str) -> list[float]:
-        return [x / y for x, y in zip(times[a], times[b])]
+    def ratios(train: dict[str, list[float]], infer: dict[str, list[float]]) -> dict[str, list[float]]:
+        def paired(times: dict[str, list[float]], a: str, b: str) -> list[float]:
+            return [x / y for x, y in zip(times[a], times[b])]
 
-    result = {
+        return {
+            "train ours/peft": paired(train, "ours", "peft"),
+            "train full/ours": paired(train, "full", "ours"),
+            **{f"infer {n}/base": paired(infer, n, "base") for n in ("ours", "peft", "ours_merged", "peft_merged")},
+        }
+
+    return {
         "model": cfg["title"], "facts": facts, "memory_mb": memory,
-        "train_ms": {n: 1000 * median(t) for n, t in train.items()},
-        "infer_ms": {n: 1000 * median(t) for n, t in infer.items()},
-        "ratios": {
-            "train ours/peft": ratios(train, "ours", "peft"),
-            "train full/ours": ratios(train, "full", "ours"),
-            **{f"infer {n}/base": ratios(infer, n, "base") for n in ("ours", "peft", "ours_merged", "peft_merged")},
-        },
+        "train_ms": {n: 1000 * median(t) for n, t in train_cpu.items()},
+        "infer_ms": {n: 1000 * median(t) for n, t in infer_cpu.items()},
+        "train_wall_ms": {n: 1000 * median(t) for n, t in train_wall.items()},
+        "ratios": ratios(train_cpu, infer_cpu),
+        "wall_ratios": ratios(train_wall, infer_wall),
     }
-    return result
 
 
 def cli_times(reps: int = 5) -> dict[str, list[float]]:
@@ -276,14 +291,15 @@ def cli_times(reps: int = 5) -> dict[str, list[float]]:
 
 def print_tables(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> None:
     print(f"\nrank {args.rank}, alpha {2 * args.rank}, batch {args.batch}, {args.reps} repetitions, {torch.get_num_threads()} thread(s)\n")
-    print("| model | our step / PEFT step | full step / our step | ours unmerged / base | PEFT unmerged / base | ours merged / base | PEFT merged / base |")
-    print("|---|---|---|---|---|---|---|")
-    for result in results.values():
-        r = result["ratios"]
-        cells = [f"{median(r[k]):.3f} ({spread(r[k])})" for k in ("train ours/peft", "train full/ours", "infer ours/base",
-                                                                  "infer peft/base", "infer ours_merged/base", "infer peft_merged/base")]
-        print(f"| {result['model']} | " + " | ".join(cells) + " |")
-    print("\n(median of per-repetition ratios; in brackets the interquartile range)\n")
+    keys = ("train ours/peft", "train full/ours", "infer ours/base", "infer peft/base", "infer ours_merged/base", "infer peft_merged/base")
+    for label, field in (("CPU time", "ratios"), ("wall time", "wall_ratios")):
+        print(f"{label}: | model | our step / PEFT step | full step / our step | ours unmerged / base | PEFT unmerged / base | ours merged / base | PEFT merged / base |")
+        print("|---|---|---|---|---|---|---|")
+        for result in results.values():
+            r = result[field]
+            print(f"| {result['model']} | " + " | ".join(f"{median(r[k]):.3f} ({spread(r[k])})" for k in keys) + " |")
+        print()
+    print("(median of per-repetition ratios; in brackets the interquartile range; the ms below are CPU time)\n")
     print("| model | step ms: ours / PEFT / full | inference ms: base / ours / PEFT / ours merged / PEFT merged | trainable: ours / PEFT / full | peak training MB: ours / PEFT / full | checkpoint KB: ours / PEFT |")
     print("|---|---|---|---|---|---|")
     for result in results.values():

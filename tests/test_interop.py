@@ -112,7 +112,7 @@ def test_cli_run_export_import_merge_and_plain_timm_loads_the_merge(tmp_path):
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
     run = tmp_path / "run"
     assert cli(["run", str(tmp_path / "spec.yaml")]) == 0
-    assert cli(["export", str(run), str(tmp_path / "peft")]) == 0
+    assert cli(["export", str(run), str(tmp_path / "peft"), "--include-base"]) == 0
     assert cli(["import", str(tmp_path / "peft"), str(tmp_path / "imported")]) == 0
     assert cli(["merge", str(run), str(tmp_path / "merged")]) == 0
     trained = load_trained(run)
@@ -124,6 +124,12 @@ def test_cli_run_export_import_merge_and_plain_timm_loads_the_merge(tmp_path):
     plain = timm.create_model(**recipe["create_model"])
     plain.load_state_dict(load_file(tmp_path / "merged" / "model.safetensors"))
     torch.testing.assert_close(plain.eval()(images()), expected, rtol=1e-5, atol=1e-5)
+    # the PEFT directory alone: timm + peft, no adaptkit objects
+    exported = json.loads((tmp_path / "peft" / "adaptkit.json").read_text())["recipe"]["create_model"]
+    plain = timm.create_model(**exported)
+    plain.load_state_dict(load_file(tmp_path / "peft" / "base_model.safetensors"))
+    with_peft = peft.PeftModel.from_pretrained(plain, tmp_path / "peft").eval()
+    torch.testing.assert_close(with_peft(images()), expected, rtol=1e-5, atol=1e-5)
     # a second write into the same directory is refused without --overwrite
     assert cli(["merge", str(run), str(tmp_path / "merged")]) == 2
 
