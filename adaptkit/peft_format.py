@@ -97,6 +97,11 @@ def _peft_target(native: nn.Module, name: str) -> tuple[str, str]:
         raise CompatibilityError(f"the native model has no module '{name}' to put a LoRA on") from None
     if not isinstance(module, (nn.Linear, nn.Conv2d)):
         raise CompatibilityError(f"native module '{name}' is a {type(module).__name__}; PEFT's LoRA export covers Linear, Conv2d and MultiheadAttention")
+    if isinstance(module, nn.Conv2d) and (tuple(module.dilation) != (1, 1) or module.padding_mode != "zeros"):
+        raise CompatibilityError(
+            f"native module '{name}': PEFT's LoRA on a convolution ignores dilation {tuple(module.dilation)} and padding "
+            f"mode '{module.padding_mode}', so it would compute something else; leave this layer out or merge instead"
+        )
     return name, ""
 
 

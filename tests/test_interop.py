@@ -281,3 +281,17 @@ def test_clip_merge_loads_into_plain_open_clip(tmp_path):
 def cli_free_merge(model, directory):
     merge_to_native(model, directory)
     return {p.name for p in directory.iterdir()}
+
+
+def test_lora_on_a_strided_dilated_reflect_padded_conv_equals_its_merge():
+    from adaptkit_plugins.methods._lora_impl import LoraDelta
+
+    conv = torch.nn.Conv2d(3, 5, 3, stride=2, padding=2, dilation=2, padding_mode="reflect")
+    delta = LoraDelta(conv, [None], 2, 1.5, 0.0, "kaiming")
+    conv.add_module("lora", delta)
+    with torch.no_grad():
+        delta.lora_b.normal_()
+    x = torch.randn(2, 3, 9, 9)
+    unmerged = conv(x)
+    delta.merge(1.0)
+    torch.testing.assert_close(conv(x), unmerged, rtol=1e-5, atol=1e-5)

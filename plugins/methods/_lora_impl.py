@@ -92,8 +92,7 @@ class LoraDelta(nn.Module):
         if self.dropout_p:
             x = self.dropout(x)
         if self.conv:
-            layer = self._layer[0]
-            h = F.conv2d(x, a, None, layer.stride, layer.padding, layer.dilation)
+            h = self._layer[0]._conv_forward(x, a, None)  # the layer's stride, padding (and its mode), dilation
             return self._add(out, h, b, scale, 1)
         h = F.linear(x, a)
         if not (out.dtype == h.dtype == b.dtype) or not out.is_contiguous():  # autocast, unusual layouts: the general way
