@@ -49,7 +49,8 @@ class LayerSite:
 @dataclass
 class BlockSite:
     """A residual block. ``attn_output``/``mlp_output`` are modules whose *outputs* are
-    the attention and MLP sub-layer outputs before the residual add (either may be None)."""
+    the attention and MLP sub-layer outputs before the residual add (either may be None);
+    ``mlp_input`` and ``norms`` are optional extras for methods that need them."""
 
     name: str
     dim: int
@@ -57,6 +58,11 @@ class BlockSite:
     mlp_output: Any = None
     #: channel axis of the sub-layer outputs: -1 for (..., C) tokens, 1 for (B, C, H, W) maps
     channel_dim: int = -1
+    #: module whose *input* is the MLP sub-layer's input (parallel adapters read it); None if unknown
+    mlp_input: Any = None
+    #: the block's own normalisation layers, each of width ``dim`` (e.g. the LayerNorms before
+    #: attention and MLP), which adapters may train too (Houlsby et al.); empty if unknown
+    norms: list[Any] = field(default_factory=list)
 
 
 KVProvider = Callable[[int], tuple[Any, Any]]

@@ -14,6 +14,8 @@ allocation inside one profiled step), and the size of the saved adapter file.
 
     python benchmarks/methods.py                      # the full benchmark (~30 min, 1 thread)
     python benchmarks/methods.py --backbones vit --methods lora prompt --seeds 0
+    python benchmarks/methods.py --methods full lora adapter --label-smoothing 0
+    python benchmarks/methods.py --backbones vit --setting 'lora lr2e-2={"methods": [{"name": "lora", "rank": 2}], "lr": 0.02}'
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "full": {"methods": [{"name": "full"}]},
     # q, v, out, mlp in/out: under 5% of the model (all six roles at r=2 would be 5.2%)
     "lora": {"methods": [{"name": "lora", "rank": 2, "targets": ["attn.q", "attn.v", "attn.out", "mlp.in", "mlp.out"]}]},
+    # the same budget spent on the fused qkv layer as one module (one rank-2 update of q, k and v together)
+    "lora qkv": {"methods": [{"name": "lora", "rank": 2, "targets": ["attn.out", "mlp.in", "mlp.out"], "target_modules": [r"attn\.qkv$"]}]},
     "adapter": {"methods": [{"name": "adapter"}]},
     "prefix": {"methods": [{"name": "prefix"}]},
     "prompt": {"methods": [{"name": "prompt"}]},
@@ -75,9 +79,13 @@ def pretrain(backbone: str, out: Path, epochs: int) -> Path:
     return result.output_dir / "adapter.safetensors"
 
 
-def adapt_spec(backbone: str, method: str, weights: Path, seed: int, steps: int, out: Path) -> dict[str, Any]:
+def adapt_spec(
+    backbone: str, method: str, weights: Path, seed: int, steps: int, out: Path, label_smoothing: float = 0.1
+) -> dict[str, Any]:
     setting = SETTINGS[method]
-    spec = base_spec(backbone, f"{backbone}_{method.replace(' ', '_')}_s{seed}", out)
+    suffix = "" if label_smoothing == 0.1 else f"_ls{label_smoothing:g}"
+    spec = base_spec(backbone, f"{backbone}_{method.replace(' ', '_')}{suffix}_s{seed}", out)
+    spec["task"]["label_smoothing"] = label_smoothing
     spec["backbone"]["pretrained"] = str(weights)
     train = {"max_steps": steps, "batch_size": 64, "progress": False, "eval_every": steps}
     for key in ("lr", "weight_decay"):
@@ -130,13 +138,26 @@ def _peak_allocated(prof: Any) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbones", nargs="+", default=list(PRESETS), choices=list(PRESETS))
-    parser.add_argument("--methods", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--methods", nargs="+", choices=list(SETTINGS), help="default: every setting (or only --setting ones)")
+    parser.add_argument("--setting", action="append", default=[], metavar="NAME=JSON",
+                        help='an extra setting, e.g. \'ad lr1e-2={"methods": [{"name": "adapter"}], "lr": 0.01}\'')
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--steps", type=int, default=1000, help="adaptation steps at batch 64")
     parser.add_argument("--pretrain-epochs", type=int, default=250)
     parser.add_argument("--out", default="runs/bench_methods")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--label-smoothing", type=float, default=0.1, help="of the adaptation runs (pretraining keeps 0.1)")
     args = parser.parse_args()
+    for item in args.setting:
+        name, sep, text = item.partition("=")
+        if not sep or not name:
+            parser.error(f"--setting {item!r}: give NAME=JSON")
+        try:
+            SETTINGS[name] = json.loads(text)
+        except json.JSONDecodeError as exc:
+            parser.error(f"--setting {name}: not JSON: {exc}")
+    if args.methods is None:
+        args.methods = [i.partition("=")[0] for i in args.setting] or list(SETTINGS)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     rows: dict[str, list[dict[str, Any]]] = {}
@@ -147,13 +168,13 @@ def main() -> None:
         for method in args.methods:
             runs = []
             for seed in args.seeds:
-                spec = adapt_spec(backbone, method, weights, seed, args.steps, out)
+                spec = adapt_spec(backbone, method, weights, seed, args.steps, out, args.label_smoothing)
                 result = adaptkit.run(spec, log=lambda *_: None)
                 summary = json.loads((result.output_dir / "metrics.json").read_text())
                 runs.append(summary)
                 print(f"  {backbone} {method} seed {seed}: test {summary['test']['accuracy']:.3f} "
                       f"val {summary['val']['accuracy']:.3f}", flush=True)
-            loaded = adaptkit.load_spec(adapt_spec(backbone, method, weights, args.seeds[0], args.steps, out))
+            loaded = adaptkit.load_spec(adapt_spec(backbone, method, weights, args.seeds[0], args.steps, out, args.label_smoothing))
             from adaptkit.builder import recommended
 
             lr = recommended(loaded, adaptkit.registry(), "lr", 1e-3)
@@ -169,7 +190,8 @@ def main() -> None:
                 "val_test": statistics.mean(both), "ms": ms, "peak_mb": peak,
                 "kb": statistics.mean(r["adapter_bytes"] for r in runs) / 1024,
             })
-    print(f"\nseeds {args.seeds}, {args.steps} adaptation steps at batch 64, {args.threads} thread(s); "
+    print(f"\nseeds {args.seeds}, {args.steps} adaptation steps at batch 64, label smoothing {args.label_smoothing:g}, "
+          f"{args.threads} thread(s); "
           f"total {(time.perf_counter() - started) / 60:.1f} min\n")
     for backbone, table in rows.items():
         print(f"{backbone} ({PRESETS[backbone]}), digits 0-4 -> 5-9\n")
@@ -179,7 +201,8 @@ def main() -> None:
             print(f"| {r['method']} | {r['lr']:g} | {r['trainable']:,} ({r['percent']:.2f}%) | {r['test']:.3f} ± {r['test_sd']:.3f} "
                   f"| {r['val_test']:.3f} | {r['ms']:.1f} | {r['peak_mb']:.1f} | {r['kb']:.1f} |")
         print()
-    (out / "results.json").write_text(json.dumps(rows, indent=2))
+    suffix = "" if args.label_smoothing == 0.1 else f"_ls{args.label_smoothing:g}"
+    (out / f"results{suffix}.json").write_text(json.dumps(rows, indent=2))
 
 
 if __name__ == "__main__":

@@ -157,6 +157,25 @@ def test_block_sites_output_the_attention_and_mlp_sublayers():
         h.remove()
 
 
+def test_block_sites_name_the_mlp_input_and_the_norms_for_parallel_adapters():
+    _, backbone = tiny_clip()
+    for tower in ("vision", "text"):
+        site = backbone.surface.towers[tower].blocks[1]
+        block = backbone.get_submodule(site.name)
+        assert site.mlp_input is block.mlp and site.norms == [block.ln_1, block.ln_2]
+    spec = {
+        "backbone": {"name": "clip"},
+        "methods": [{"name": "adapter", "placement": "parallel", "train_norms": True, "bottleneck": 4, "tower": "vision"}],
+        "task": {"name": "zero_shot"},
+        "data": {"name": "digits", "classes": [0, 1]},
+    }
+    model = adaptkit.build(spec)
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == model.adaptkit.methods[0].expected_parameters
+    assert {n.rsplit(".", 2)[-2] for n in trained if ".ln_" in n} == {"ln_1", "ln_2"}
+    assert all(".visual." in n for n in trained)
+
+
 def test_lora_on_in_proj_slices_merges_and_exports_to_open_clip():
     spec = {
         "backbone": {"name": "clip"},

@@ -128,11 +128,14 @@ def test_adapters_start_as_the_identity_and_count_by_placement(backbone):
     base = logits(adaptkit.build(spec(backbone, [])))
     houlsby = adaptkit.build(spec(backbone, [{"name": "adapter", "bottleneck": 4}]))
     pfeiffer = adaptkit.build(spec(backbone, [{"name": "adapter", "placement": "pfeiffer", "bottleneck": 4}]))
+    bare = adaptkit.build(spec(backbone, [{"name": "adapter", "bottleneck": 4, "train_norms": False}]))
     assert torch.equal(logits(houlsby), base) and torch.equal(logits(pfeiffer), base)
     dims = [b.dim for b in houlsby.surface.towers["vision"].blocks]
     per_adapter = [2 * d * 4 + 4 + d for d in dims]
-    assert trainable(houlsby) - HEAD == 2 * sum(per_adapter)
-    assert trainable(pfeiffer) - HEAD == sum(per_adapter)
+    norms = sum(2 * 2 * d for d in dims)  # by default the two LayerNorms of every adapted block train too
+    assert trainable(houlsby) - HEAD == 2 * sum(per_adapter) + norms
+    assert trainable(pfeiffer) - HEAD == sum(per_adapter) + norms
+    assert trainable(bare) - HEAD == 2 * sum(per_adapter)
     randomise(houlsby, ["adapter"])
     assert (logits(houlsby) - base).abs().max() > 1e-3
 
@@ -172,6 +175,81 @@ def test_adapters_on_convolutional_feature_maps_use_the_channel_axis():
         h = nn.functional.conv2d(x, root.block.conv.weight, root.block.conv.bias, padding=1)
         per_pixel = adapter.up(adapter.act(adapter.down(h.permute(0, 2, 3, 1)))).permute(0, 3, 1, 2)
         torch.testing.assert_close(root.block(x), x + h + per_pixel)
+
+
+@pytest.mark.parametrize("backbone", ["vit", "swin"])
+def test_adapter_train_norms_trains_the_adapted_blocks_norms_and_saves_them(backbone, tmp_path):
+    plain = adaptkit.build(spec(backbone, [{"name": "adapter", "bottleneck": 4, "layers": [0, -1], "train_norms": False}]))
+    model = adaptkit.build(spec(backbone, [{"name": "adapter", "bottleneck": 4, "layers": [0, -1], "train_norms": True}]))
+    torch.testing.assert_close(logits(model), logits(adaptkit.build(spec(backbone, []))), rtol=0, atol=0)
+    blocks = model.surface.towers["vision"].blocks
+    # two LayerNorms (weight + bias) in each of the two adapted blocks, none elsewhere
+    extra = sum(2 * 2 * b.dim for b in (blocks[0], blocks[-1]))
+    assert trainable(model) - trainable(plain) == extra == model.adaptkit.methods[0].expected_parameters - plain.adaptkit.methods[0].expected_parameters
+    norm_names = sorted(n for n in adaptkit.trainable_state(model) if ".norm" in n)
+    assert len(norm_names) == 8 and all(n.startswith((f"{blocks[0].name}.", f"{blocks[-1].name}.")) for n in norm_names)
+    # trained norms travel in the adapter file
+    randomise(model, std=0.3)
+    expected = logits(model)
+    path = adaptkit.save_adapter(model, tmp_path / "a.safetensors")
+    fresh = adaptkit.build(model.adaptkit.spec)
+    adaptkit.load_adapter(fresh, path)
+    assert torch.equal(logits(fresh), expected)
+
+
+def test_train_norms_on_a_backbone_that_does_not_list_its_norms_is_a_clear_error():
+    root = nn.Module()
+    root.block = ConvBlock()
+    root.requires_grad_(False)
+    tower = Tower("unet", dim=6, blocks=[BlockSite("block", 6, mlp_output=root.block.conv, channel_dim=1)], param_prefixes=["block."])
+    from adaptkit_plugins.methods._adapter_impl import apply
+
+    with pytest.raises(CompatibilityError, match="'adapter' \\(train_norms\\) needs the norms of block 'block', but backbone 'toy' does not list them"):
+        apply(AdapterParams(bottleneck=2, train_norms=True), Surface("toy", {"unet": tower}, root=root))
+    # the default (auto) trains the norms where they are listed, and only the adapter here
+    assert apply(AdapterParams(bottleneck=2), Surface("toy", {"unet": tower}, root=root)).expected_parameters == 2 * 6 * 2 + 2 + 6
+    with pytest.raises(CompatibilityError, match="'adapter' \\(parallel\\) needs blocks with MLP inputs and outputs, but backbone 'toy'"):
+        apply(AdapterParams(bottleneck=2, placement="parallel"), Surface("toy", {"unet": tower}, root=root))
+
+
+class ScaledMlpBlock(nn.Module):
+    """Pre-norm block whose MLP output passes a LayerScale-like module (as in open_clip)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(6)
+        self.mlp = nn.Sequential(nn.Linear(6, 12), nn.GELU(), nn.Linear(12, 6))
+        self.ls = nn.Linear(6, 6)
+
+    def forward(self, x):
+        return x + self.ls(self.mlp(self.norm(x)))
+
+
+def test_parallel_adapter_adds_scaled_bottleneck_of_the_mlp_input_to_its_output():
+    root = nn.Module()
+    root.block = ScaledMlpBlock()
+    root.requires_grad_(False)
+    block = root.block
+    site = BlockSite("block", 6, mlp_output=block.ls, mlp_input=block.mlp, norms=[block.norm])
+    surface = Surface("toy", {"vision": Tower("vision", dim=6, blocks=[site], param_prefixes=["block."])}, root=root)
+    from adaptkit_plugins.methods._adapter_impl import apply
+
+    x = torch.randn(3, 5, 6)
+    before = block(x)
+    applied = apply(AdapterParams(bottleneck=2, placement="parallel", scale=4.0, train_norms=True), surface)
+    assert applied.expected_parameters == (2 * 6 * 2 + 2 + 6) + 2 * 6
+    assert torch.equal(block(x), before)
+    adapter = block.adapter_mlp
+    with torch.no_grad():
+        adapter.up.weight.normal_()
+        adapter.up.bias.normal_()
+        got = block(x)
+        applied.set_enabled(False)  # the reference below calls the hooked modules
+        h = block.norm(x)
+        want = x + block.ls(block.mlp(h)) + 4.0 * adapter.up(adapter.act(adapter.down(h)))
+    torch.testing.assert_close(got, want)
+    assert (got - before).abs().max() > 1e-3
+    torch.testing.assert_close(block(x), before)
 
 
 # ----------------------------------------------------------------- stacking

@@ -357,7 +357,10 @@ class ClipBackbone(ClipNative, Backbone):
                 LayerSite(f"{where}.mlp.c_proj", "mlp.out", block.mlp.c_proj),
             ]
             # ls_1 / ls_2 (LayerScale or Identity) output exactly the sub-layer result before the residual add
-            blocks.append(BlockSite(where, dim, attn_output=block.ls_1, mlp_output=block.ls_2))
+            blocks.append(BlockSite(
+                where, dim, attn_output=block.ls_1, mlp_output=block.ls_2, mlp_input=block.mlp,
+                norms=[n for n in (block.ln_1, block.ln_2) if isinstance(n, nn.LayerNorm)],
+            ))
             attention.append(AttentionSite(
                 f"{where}.attn", attn, dim, attn.num_heads, attn.head_dim,
                 install=_install_attention, project_kv=_project_kv(block), supports_gate=True,

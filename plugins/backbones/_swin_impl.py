@@ -53,7 +53,10 @@ class SwinBackbone(_timm_common.TimmNative, Backbone):
                 attn, prefix = block.attn, f"net.layers.{s}.blocks.{b}"
                 width = attn.qkv.out_features // 3
                 layers += _timm_common.block_layer_sites(prefix, block)
-                blocks.append(BlockSite(prefix, block.dim, attn_output=block.attn, mlp_output=block.mlp))
+                blocks.append(BlockSite(
+                    prefix, block.dim, attn_output=block.attn, mlp_output=block.mlp, mlp_input=block.mlp,
+                    norms=_timm_common.block_norms(block),
+                ))
                 attention.append(
                     AttentionSite(
                         f"{prefix}.attn", attn, block.dim, attn.num_heads, width // attn.num_heads,

@@ -169,3 +169,8 @@ def block_layer_sites(prefix: str, block: nn.Module) -> list[LayerSite]:
         LayerSite(f"{prefix}.mlp.fc1", "mlp.in", block.mlp.fc1),
         LayerSite(f"{prefix}.mlp.fc2", "mlp.out", block.mlp.fc2),
     ]
+
+
+def block_norms(block: nn.Module) -> list[nn.Module]:
+    """The LayerNorms before attention and MLP of a timm ViT / Swin block (``norm1``, ``norm2``)."""
+    return [n for n in (getattr(block, "norm1", None), getattr(block, "norm2", None)) if isinstance(n, nn.LayerNorm)]

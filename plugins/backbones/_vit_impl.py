@@ -46,7 +46,10 @@ class VitBackbone(_timm_common.TimmNative, Backbone):
         for i, block in enumerate(net.blocks):
             attn, prefix = block.attn, f"net.blocks.{i}"
             layers += _timm_common.block_layer_sites(prefix, block)
-            blocks.append(BlockSite(prefix, dim, attn_output=block.attn, mlp_output=block.mlp))
+            blocks.append(BlockSite(
+                prefix, dim, attn_output=block.attn, mlp_output=block.mlp, mlp_input=block.mlp,
+                norms=_timm_common.block_norms(block),
+            ))
             attention.append(
                 AttentionSite(
                     f"{prefix}.attn", attn, dim, attn.num_heads, attn.head_dim,
