@@ -56,7 +56,8 @@ class NamedAdapter:
     methods: list[AppliedMethod]
     #: file (canonical) name -> the parameter in the set's model
     parameters: dict[str, nn.Parameter]
-    #: the task's own trained tensors (a head), swapped in by ``use``
+    #: other tensors of the model it trained (the task's head; norms an ``adapter`` trains),
+    #: swapped in by ``use``
     task_state: dict[str, torch.Tensor] = field(default_factory=dict)
     source: str = ""
 
@@ -85,6 +86,8 @@ class AdapterSet:
         self.base_spec = self.model.adaptkit.spec
         self.task_names = {n for n, p in self.model.named_parameters() if p.requires_grad}
         self._base_task_state = {n: p.detach().clone() for n, p in self.model.named_parameters() if n in self.task_names}
+        #: the base values of every model tensor some adapter swaps (the head; trained norms)
+        self._base_values = dict(self._base_task_state)
         self.adapters: dict[str, NamedAdapter] = {}
         self.active: list[str] = []
         self._broken = ""
@@ -151,9 +154,13 @@ class AdapterSet:
             )
         task_state = {n: t.clone() for n, t in self._base_task_state.items()}
         if tensors:
-            unknown = sorted(set(tensors) - set(parameters) - self.task_names)
+            modules = [m for a in self.adapters.values() for method in a.methods for m in method.added]
+            modules += [m for method in methods for m in method.added]
+            added = {id(p) for m in modules if isinstance(m, nn.Module) for p in m.parameters()}
+            own = {n: p for n, p in self.model.named_parameters() if id(p) not in added}
+            unknown = sorted(n for n in set(tensors) - set(parameters) if n not in own)
             if unknown:
-                raise CheckpointError(f"adapter '{name}': {len(unknown)} tensors fit neither its methods nor the task (e.g. {unknown[0]})")
+                raise CheckpointError(f"adapter '{name}': {len(unknown)} tensors fit neither its methods nor the model (e.g. {unknown[0]})")
             missing = sorted(set(parameters) - set(tensors))
             if missing:
                 raise CheckpointError(f"adapter '{name}': lacks {len(missing)} tensors of its methods (e.g. {missing[0]})")
@@ -162,11 +169,13 @@ class AdapterSet:
                     if parameter.shape != tensors[key].shape:
                         raise CheckpointError(f"adapter '{name}': {key} has shape {tuple(tensors[key].shape)}, expected {tuple(parameter.shape)}")
                     parameter.copy_(tensors[key])
-            for key in self.task_names & set(tensors):
-                if task_state[key].shape != tensors[key].shape:
+            for key in set(tensors) - set(parameters):  # trained tensors of the model itself: swapped by use()
+                if key not in self._base_values:
+                    self._base_values[key] = own[key].detach().clone()
+                if self._base_values[key].shape != tensors[key].shape:
                     raise CompatibilityError(
                         f"adapter '{name}': task tensor {key} has shape {tuple(tensors[key].shape)}, this set's "
-                        f"{tuple(task_state[key].shape)} (adapters in one set share the task's shapes, e.g. its classes)"
+                        f"{tuple(self._base_values[key].shape)} (adapters in one set share the task's shapes, e.g. its classes)"
                     )
                 task_state[key] = tensors[key].clone()
         adapter = NamedAdapter(name, params, methods, parameters, task_state, source)
@@ -224,6 +233,12 @@ class AdapterSet:
         self.active = list(names)
         if names:
             self._load_task_state(self.adapters[names[0]].task_state)
+        # tensors outside the task (norms an adapter trained) come from the first active adapter that has them
+        for key, base in self._base_values.items():
+            if key in self._base_task_state:
+                continue
+            owner = next((self.adapters[n] for n in names if key in self.adapters[n].task_state), None)
+            self._load_task_state({key: owner.task_state[key] if owner is not None else base})
 
     def disable(self) -> None:
         """Switch every adapter off: the model computes the base backbone (with the current head)."""
@@ -306,6 +321,9 @@ class AdapterSet:
         return adapter
 
     def _combined_task_state(self, weights: Mapping[str, float], head: str) -> dict[str, torch.Tensor]:
+        foreign = sorted({k for n in weights for k in self.adapters[n].task_state} - set(self._base_task_state))
+        if foreign:
+            raise CompatibilityError(f"the adapters trained tensors of the model itself (e.g. {foreign[0]}); a combination cannot mix those")
         if head != "weighted":
             if head not in weights:
                 raise CompatibilityError(f"head '{head}': name one of the combined adapters ({', '.join(weights)}) or 'weighted'")
