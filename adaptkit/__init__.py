@@ -9,6 +9,8 @@ when something is built)::
     adaptkit.trainable_state(model)         # exactly the tensors the methods train
     result = adaptkit.run(spec)             # result.metrics, result.output_dir
     adaptkit.registry().names("method")     # every registered method
+    adaptkit.load_trained("runs/x")          # a run's model with its adapter loaded
+    adaptkit.export_peft(model, "peft_dir")  # also import_peft, merge_to_native, AdapterSet
 """
 
 from __future__ import annotations
@@ -46,6 +48,11 @@ _LAZY = {
     "trainable_state": ("adaptkit.checkpoint", "trainable_state"),
     "save_adapter": ("adaptkit.checkpoint", "save_adapter"),
     "load_adapter": ("adaptkit.checkpoint", "load_adapter"),
+    "load_trained": ("adaptkit.native", "load_trained"),
+    "merge_to_native": ("adaptkit.native", "merge_to_native"),
+    "export_peft": ("adaptkit.peft_format", "export_peft"),
+    "import_peft": ("adaptkit.peft_format", "import_peft"),
+    "AdapterSet": ("adaptkit.adapters", "AdapterSet"),
 }
 
 
@@ -59,8 +66,8 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "AdaptkitError", "BackboneRecord", "CheckpointError", "CompatibilityError", "ComponentParams", "DataError",
+    "AdapterSet", "AdaptkitError", "BackboneRecord", "CheckpointError", "CompatibilityError", "ComponentParams", "DataError",
     "DataRecord", "MethodRecord", "OutputSpec", "PluginError", "PresetRecord", "Registry", "RunError", "RunSpec",
-    "SpecError", "TaskRecord", "TowerInfo", "TrainSpec", "__version__", "build", "hookimpl", "load_adapter",
-    "load_spec", "registry", "run", "save_adapter", "trainable_state",
+    "SpecError", "TaskRecord", "TowerInfo", "TrainSpec", "__version__", "build", "hookimpl", "export_peft", "import_peft", "load_adapter",
+    "load_spec", "load_trained", "merge_to_native", "registry", "run", "save_adapter", "trainable_state",
 ]

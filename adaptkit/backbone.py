@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -44,6 +45,46 @@ class Backbone(nn.Module):
     def native_state_dict(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Map this backbone's own state-dict names to the native library's (for export)."""
         return state
+
+    # native export (merge, PEFT) -------------------------------------------
+    def native_model(self) -> nn.Module:
+        """A fresh model of the native library (timm, open_clip, diffusers) with this backbone's
+        architecture and none of adaptkit's modules or hooks. Its weights are whatever the
+        library initialises; :func:`adaptkit.native.native_copy` loads ours into it through
+        :meth:`native_state_dict`."""
+        from adaptkit.errors import CompatibilityError
+
+        raise CompatibilityError(f"backbone '{self.registered_name}' cannot create a plain model of its native library")
+
+    def native_recipe(self, native: nn.Module) -> dict[str, Any]:
+        """How plain library code creates ``native`` (a JSON-able dict, written beside exported weights)."""
+        return {}
+
+    def native_module_name(self, name: str) -> str:
+        """The native model's name for this backbone's module ``name`` (both relative to their models).
+
+        Derived from :meth:`native_state_dict`: ``X.weight`` maps to ``Y.weight``, so ``X`` to
+        ``Y``; a fused weight that is a parameter of a native module (open_clip's
+        ``attn.in_proj_weight``) gives that parameter's full name.
+        """
+        (mapped,) = self.native_state_dict({f"{name}.weight": torch.empty(0)})
+        return mapped[: -len(".weight")] if mapped.endswith(".weight") else mapped
+
+    def native_classifier(self, native: nn.Module, head: nn.Linear) -> str | None:
+        """Give ``native`` a copy of the linear classifier ``head`` over :meth:`encode_image`
+        features, so that the native model's forward gives its logits; return the head's
+        qualified name in ``native``, or None where the native model has no place for one."""
+        return None
+
+    def save_native(self, native: nn.Module, directory: Path, recipe: dict[str, Any]) -> list[str]:
+        """Write ``native``'s weights in the native library's own layout; return the file names.
+
+        Default: ``model.safetensors`` with the native state-dict names.
+        """
+        from adaptkit.checkpoint import save_tensors
+
+        save_tensors(directory / "model.safetensors", native.state_dict(), {"format": "native", "recipe": recipe})
+        return ["model.safetensors"]
 
     # image_features capability -------------------------------------------
     in_chans: int = 3

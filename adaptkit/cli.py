@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import keyword
 import sys
 import traceback
 
@@ -24,6 +25,10 @@ COMMANDS = [
     "generate",
     "classify",
     "edit",
+    "export",
+    "import",
+    "merge",
+    "combine",
 ]
 
 
@@ -35,7 +40,10 @@ def parser() -> argparse.ArgumentParser:
     sub = top.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMANDS:
-        module = importlib.import_module(f"adaptkit.commands.{name.replace('-', '_')}")
+        module_name = name.replace("-", "_")
+        if keyword.iskeyword(module_name):  # `import` lives in commands/import_.py
+            module_name += "_"
+        module = importlib.import_module(f"adaptkit.commands.{module_name}")
         command = module.add_parser(sub)
         command.set_defaults(_main=module.main)
     return top

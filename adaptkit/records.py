@@ -74,10 +74,17 @@ class MethodRecord(Record):
     time, before anything is built. ``recommended`` holds training defaults that suit
     the method (``{"lr": 1e-2, "weight_decay": 0.0}``), used when the spec leaves them
     unset.
+
+    ``for_layers(layers, dropout=0.0, use_rslora=False)``, optional, is for low-rank
+    methods (LoRA): it returns params of this method that put a whole-layer update on
+    exactly the named layers (qualified names), ``layers`` mapping each to its
+    ``(rank, alpha)``. PEFT imports and adapter combinations use it to become ordinary
+    specs of the method.
     """
 
     check: Callable[[Any, str, Mapping[str, TowerInfo]], list[str]] | None = None
     recommended: Mapping[str, float] = field(default_factory=dict)
+    for_layers: Callable[..., ComponentParams] | None = None
     kind: ClassVar[str] = "method"
 
 

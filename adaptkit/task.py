@@ -87,6 +87,14 @@ class TaskModel(nn.Module):
         final metrics and the saved adapter file are those of the averaged model.
         """
 
+    def native_modules(self, native: nn.Module) -> dict[str, str]:
+        """Put the task's own trained modules into ``native`` (the backbone's plain library model)
+        where the library has a place for them; return {our module name: native module name}.
+
+        The classification task puts its head where the library keeps a classifier.
+        """
+        return {}
+
     def write_artifacts(self, metrics: dict[str, Any], output_dir: Path, split: str) -> list[str]:
         """Write task-specific files (confusion matrix, samples); return their names."""
         return []

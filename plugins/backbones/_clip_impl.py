@@ -33,6 +33,7 @@ from adaptkit.errors import CheckpointError, DataError, PluginError, did_you_mea
 from adaptkit.sites import SequenceTokenSite, index_layers
 from adaptkit.surface import AttentionSite, BlockSite, LayerSite, Surface, TextSite, Tower
 from adaptkit_plugins.backbones._clip_attention import ClipAttention, from_native, swap_attention, to_native
+from adaptkit_plugins.backbones._clip_native import ClipNative
 from adaptkit_plugins.backbones._clip_text import TextTokenSite
 from adaptkit_plugins.backbones._timm_common import check_state, is_local_path
 
@@ -102,7 +103,7 @@ class _TextParts:
         return getattr(self.root, name)
 
 
-class ClipBackbone(Backbone):
+class ClipBackbone(ClipNative, Backbone):
     capabilities = frozenset({"image_features", "text_features"})
 
     def __init__(self, net: nn.Module, tokenizer: Any, mean: Sequence[float], std: Sequence[float]) -> None:
@@ -204,6 +205,12 @@ class ClipBackbone(Backbone):
         mean = tuple(cfg.get("mean") or open_clip.OPENAI_DATASET_MEAN)
         std = tuple(cfg.get("std") or open_clip.OPENAI_DATASET_STD)
         backbone = cls(net, tokenizer, mean, std)
+        preset_cfg = preset.config.get("model_cfg") if preset is not None else None
+        backbone.native_args = {  # how plain open_clip creates this architecture (native export)
+            "model_name": name, "kwargs": kwargs, "preset_cfg": preset_cfg,
+            "model_cfg": preset_cfg if preset_cfg is not None else open_clip.get_model_config(name),
+            "preprocess_cfg": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
+        }
         if local is not None:
             backbone.load_local(local)
         return backbone

@@ -22,7 +22,7 @@ from adaptkit.surface import AttentionSite, BlockSite, LayerSite, Surface, Tower
 from adaptkit_plugins.backbones import _timm_common
 
 
-class SwinBackbone(Backbone):
+class SwinBackbone(_timm_common.TimmNative, Backbone):
     capabilities = frozenset({"image_features"})
 
     def __init__(self, net: nn.Module) -> None:

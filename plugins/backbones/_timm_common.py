@@ -67,7 +67,48 @@ def create(params: Any, ctx: Any, family: str, expected: type[nn.Module]) -> nn.
         )
     if isinstance(params.pretrained, str) and hub is None:
         load_local(net, params.pretrained)
+    # how plain timm creates the same architecture (weights aside), for native export
+    net.adaptkit_recipe = {"model_name": arch if hub is None else name, **{k: v for k, v in kwargs.items() if k != "num_classes"}}
     return net
+
+
+class TimmNative:
+    """Native export for backbones that keep a timm model as ``self.net`` (mixed into Backbone)."""
+
+    net: nn.Module
+
+    def native_state_dict(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Our names (``net.blocks.0.attn.qkv.weight``) -> timm's (``blocks.0.attn.qkv.weight``)."""
+        return {k[len("net."):]: v for k, v in state.items() if k.startswith("net.")}
+
+    def native_model(self) -> nn.Module:
+        import timm
+
+        recipe = dict(self.net.adaptkit_recipe)
+        name = recipe.pop("model_name")
+        return timm.create_model(name, pretrained=False, num_classes=0, **recipe)
+
+    def native_recipe(self, native: nn.Module) -> dict[str, Any]:
+        recipe = {**self.net.adaptkit_recipe, "num_classes": int(getattr(native, "num_classes", 0))}
+        return {
+            "library": "timm",
+            "create_model": recipe,
+            "python": "model = timm.create_model(**create_model); "
+            "model.load_state_dict(safetensors.torch.load_file('model.safetensors'))",
+        }
+
+    def native_classifier(self, native: nn.Module, head: nn.Linear) -> str | None:
+        """timm keeps its classifier after pooling (``head`` on ViT, ``head.fc`` on Swin): reset it
+        to our class count and copy our head in, so ``native(images)`` gives our logits."""
+        native.reset_classifier(head.out_features)
+        target = native.get_classifier()
+        if not isinstance(target, nn.Linear) or target.in_features != head.in_features:
+            return None
+        with torch.no_grad():
+            target.weight.copy_(head.weight)
+            if head.bias is not None and target.bias is not None:
+                target.bias.copy_(head.bias)
+        return next(name for name, module in native.named_modules() if module is target)
 
 
 def load_local(net: nn.Module, path: str) -> None:

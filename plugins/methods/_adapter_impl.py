@@ -65,6 +65,8 @@ class Adapter(nn.Module):
 
 
 class AppliedAdapter(AppliedMethod):
+    switchable = True
+
     def __init__(self, adapters: list[Adapter], handles: list[Any], summary: str, expected: int) -> None:
         super().__init__("adapter", list(adapters), summary, expected_parameters=expected, identity_at_init=True)
         self.handles = handles

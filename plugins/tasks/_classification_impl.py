@@ -44,6 +44,10 @@ class ClassificationModel(TaskModel):
         tower = surface.towers.get("vision") or next(iter(surface.towers.values()))
         tower.layers.append(LayerSite("head", "head", self.head))
 
+    def native_modules(self, native: nn.Module) -> dict[str, str]:
+        name = self.backbone.native_classifier(native, self.head)
+        return {"head": name} if name is not None else {}
+
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone.encode_image(images))
 

@@ -1,0 +1,35 @@
+"""adaptkit export RUN OUT --format peft: a trained run's LoRA as a Hugging Face PEFT directory"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "export", help="write a run's LoRA as a Hugging Face PEFT adapter directory",
+        description="Write a run's low-rank updates (and its classification head, as modules_to_save) as a PEFT "
+        "LoRA directory: peft.PeftModel.from_pretrained(<plain timm/open_clip/diffusers model>, OUT) computes what "
+        "the run's model computes.",
+    )
+    p.add_argument("run", help="run directory (or its adapter.safetensors)")
+    p.add_argument("out", help="directory to write")
+    p.add_argument("--format", choices=["peft"], default="peft", help="output format (default: peft)")
+    p.add_argument("--include-base", action="store_true", help="also write the base weights with the library's names (base_model.safetensors)")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty directory")
+    return p
+
+
+def main(args: argparse.Namespace) -> int:
+    from adaptkit.native import load_trained, prepare_output
+    from adaptkit.peft_format import export_peft
+
+    model = load_trained(args.run)
+    out = prepare_output(args.out, args.overwrite)
+    files = export_peft(model, out, include_base=args.include_base)
+    print(f"wrote {out}/: {', '.join(files)}")
+    import json
+
+    for note in json.loads((out / "adaptkit.json").read_text()).get("notes", []):
+        print(f"note: {note}")
+    return 0

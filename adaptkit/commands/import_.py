@@ -1,0 +1,43 @@
+"""adaptkit import PEFT_DIR OUT [--spec BASE.yaml] [key=value ...]: a PEFT LoRA directory as an adaptkit run"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "import", help="turn a Hugging Face PEFT LoRA directory into an adaptkit run directory",
+        description="Read a PEFT LoRA directory (adapter_config.json + adapter_model.safetensors) made for a plain "
+        "timm / open_clip / diffusers model, and write OUT as a run directory (spec.yaml, adapter.safetensors) that "
+        "computes the same outputs. --spec names the base model: a YAML spec whose backbone (with its pretrained "
+        "weights), task and data the adapter belongs to; its methods are replaced by the imported LoRA. Directories "
+        "written by `adaptkit export` carry their spec and need no --spec.",
+    )
+    p.add_argument("peft_dir", help="PEFT adapter directory")
+    p.add_argument("out", help="run directory to write")
+    p.add_argument("--spec", help="YAML spec of the base model (backbone, task, data)")
+    p.add_argument("overrides", nargs="*", help="key.path=value overrides of the spec")
+    p.add_argument("--method", help="the low-rank method plugin to hold the factors (default: the only one registered, lora)")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty directory")
+    return p
+
+
+def main(args: argparse.Namespace) -> int:
+    import adaptkit
+    from adaptkit.errors import SpecError
+    from adaptkit.native import prepare_output, save_run
+    from adaptkit.peft_format import import_peft
+
+    base = None
+    if args.spec:
+        base = adaptkit.load_spec(args.spec, args.overrides)
+    elif args.overrides:
+        raise SpecError("overrides need --spec (the base spec they change)")
+    model = import_peft(args.peft_dir, base, method=args.method)
+    out = prepare_output(args.out, args.overwrite)
+    files = save_run(model, out, "imported", {"source": str(args.peft_dir)})
+    (method,) = model.adaptkit.methods
+    print(f"imported {args.peft_dir}: {method.summary}")
+    print(f"wrote {out}/: {', '.join(files)}")
+    return 0
