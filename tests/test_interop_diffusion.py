@@ -13,6 +13,7 @@ from adaptkit.cli import main as cli
 from adaptkit.errors import CompatibilityError
 from adaptkit.native import load_trained, merge_to_native, native_copy
 from adaptkit.peft_format import export_peft, import_peft
+from tests.test_interop import randomised
 
 peft = pytest.importorskip("peft")
 diffusers = pytest.importorskip("diffusers")
@@ -34,16 +35,6 @@ def spec(tmp_path, backbone, methods, **train):
         "train": {"max_steps": 2, "batch_size": 8, "progress": False, **train},
         "output": {"dir": str(tmp_path / "run")},
     }
-
-
-def randomised(model, seed=0):
-    """Random trained tensors (LoRA's B starts at zero, which would hide mistakes)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-    return model.eval()
 
 
 def noisy(n=3):
