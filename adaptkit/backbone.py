@@ -47,6 +47,12 @@ class Backbone(nn.Module):
         return state
 
     # native export (merge, PEFT) -------------------------------------------
+    #: this backbone's modules that are not part of the native model but that :meth:`save_native`
+    #: writes beside its weights (a diffusers UNet's learned class tokens), so merging may change them
+    native_side_modules: tuple[str, ...] = ()
+    #: why PEFT's LoRA layers cannot wrap the native model's layers (None: they can); export refuses with it
+    peft_problem: str | None = None
+
     def native_model(self) -> nn.Module:
         """A fresh model of the native library (timm, open_clip, diffusers) with this backbone's
         architecture and none of adaptkit's modules or hooks. Its weights are whatever the
@@ -65,9 +71,15 @@ class Backbone(nn.Module):
 
         Derived from :meth:`native_state_dict`: ``X.weight`` maps to ``Y.weight``, so ``X`` to
         ``Y``; a fused weight that is a parameter of a native module (open_clip's
-        ``attn.in_proj_weight``) gives that parameter's full name.
+        ``attn.in_proj_weight``) gives that parameter's full name. A module the native model
+        does not hold is a :class:`CompatibilityError`.
         """
-        (mapped,) = self.native_state_dict({f"{name}.weight": torch.empty(0)})
+        mapped = list(self.native_state_dict({f"{name}.weight": torch.empty(0)}))
+        if len(mapped) != 1:
+            from adaptkit.errors import CompatibilityError
+
+            raise CompatibilityError(f"backbone '{self.registered_name}': {name} has no counterpart in the plain library model")
+        (mapped,) = mapped
         return mapped[: -len(".weight")] if mapped.endswith(".weight") else mapped
 
     def native_classifier(self, native: nn.Module, head: nn.Linear) -> str | None:

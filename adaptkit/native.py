@@ -135,6 +135,7 @@ def merge_to_native(model: nn.Module, directory: str | Path | None = None) -> Na
                 f"method '{method.name}' cannot be merged into the base weights; only mergeable methods "
                 "(lora, full) make a plain model"
             )
+    check_native_reach(model)
     merged = []
     try:
         for method in methods:
@@ -148,6 +149,27 @@ def merge_to_native(model: nn.Module, directory: str | Path | None = None) -> Na
     if directory is not None:
         save_native(model, result, directory)
     return result
+
+
+def check_native_reach(model: nn.Module) -> None:
+    """Refuse a model whose methods changed backbone parts the native model does not hold
+    (a text encoder beside a diffusers UNet), which a native copy would silently drop."""
+    backbone = model.backbone
+    added = added_tensor_ids(model)
+    hosts = set()
+    for method in model.adaptkit.methods:
+        owned = {id(m) for m in method.added if isinstance(m, nn.Module)}
+        for name, module in model.named_modules():
+            if id(module) in owned and name.startswith("backbone."):
+                hosts.add(name.rpartition(".")[0])
+    for name, p in model.named_parameters():
+        if p.requires_grad and id(p) not in added and name.startswith("backbone."):
+            hosts.add(name.rpartition(".")[0])
+    side = tuple(f"backbone.{name}" for name in backbone.native_side_modules)
+    for host in sorted(hosts):
+        if host in side or host.startswith(tuple(f"{s}." for s in side)):
+            continue
+        backbone.native_module_name(host[len("backbone."):])  # a CompatibilityError naming the part
 
 
 def leftover_task_tensors(model: nn.Module, result: NativeModel) -> dict[str, torch.Tensor]:

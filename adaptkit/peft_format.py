@@ -3,7 +3,8 @@
 A PEFT LoRA directory holds ``adapter_config.json`` and ``adapter_model.safetensors``
 with keys ``base_model.model.<module>.lora_A.weight`` / ``lora_B.weight`` (module names
 of the plain library model), and the whole tensors of ``modules_to_save`` (our
-classification head, where the library has a classifier).
+classification head, where the library has a classifier, and whole backbone layers a
+run trained, such as a UNet's class embedding).
 
 Export is exact: ``peft.PeftModel.from_pretrained(<plain timm model>, dir)`` computes what
 our model computes. Our LoRA can adapt row slices of a fused layer (q and v inside
@@ -72,6 +73,8 @@ def _native_updates(model: nn.Module, native: NativeModel) -> dict[str, dict[str
     for method in model.adaptkit.methods:
         if method.merged:
             raise CompatibilityError(f"method '{method.name}' is merged into the weights; unmerge it before exporting")
+        if method.mergeable and not method.added:
+            continue  # its whole effect is in trained base weights (full fine-tuning): they travel as modules_to_save
         for update in method.low_rank_updates():
             if update.layer in native.task_modules:  # LoRA on the head: the whole head travels, updated
                 head = native.model.get_submodule(native.task_modules[update.layer])
@@ -105,6 +108,36 @@ def _peft_target(native: nn.Module, name: str) -> tuple[str, str]:
     return name, ""
 
 
+def _trained_modules(model: nn.Module, native: NativeModel, trained: list[str]) -> list[str]:
+    """The native modules whose weights were trained (full fine-tuning of a class embedding, a layer).
+
+    They travel whole, as PEFT ``modules_to_save`` (PEFT swaps in the saved copy: exact).
+    A trained tensor with no such module (a position embedding on the model itself, a
+    module the plain model lacks) is a :class:`CompatibilityError`.
+    """
+    if not trained:
+        return []
+    ours = {v: k for k, v in _our_layers(model).items()}  # our qualified layer -> native name
+    names = [n for n, _ in native.model.named_modules()]
+    found: set[str] = set()
+    for name in trained:
+        module, _, pname = name.rpartition(".")
+        theirs = ours.get(module)
+        if theirs is None or not hasattr(native.model.get_submodule(theirs), pname):
+            raise CompatibilityError(
+                f"{len(trained)} base weights were trained (e.g. {name}, which is not a whole layer of the plain model); "
+                "PEFT's LoRA format carries low-rank updates and whole modules (modules_to_save): merge the run "
+                "(`adaptkit merge`) instead"
+            )
+        if any(n != theirs and n.endswith(f".{theirs}") for n in names):
+            raise CompatibilityError(
+                f"trained module '{theirs}' would be ambiguous in PEFT's modules_to_save (another module's name ends "
+                f"with it); merge the run (`adaptkit merge`) instead"
+            )
+        found.add(theirs)
+    return sorted(found)
+
+
 def peft_state(model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor], NativeModel]:
     """(adapter_config, adapter tensors, native model with the base weights) for a built model.
 
@@ -112,17 +145,22 @@ def peft_state(model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor
     not a low-rank update, trained base weights, trained task tensors the native model has no
     place for are reported by name (the last go to ``task_modules.safetensors`` by :func:`export_peft`).
     """
+    problem = model.backbone.peft_problem
+    if problem:
+        raise CompatibilityError(f"backbone '{model.backbone.registered_name}' cannot export to PEFT: {problem}")
     native = native_copy(model)
     added = added_tensor_ids(model)
     trained_base = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in added and n.startswith("backbone.")]
-    if trained_base:
-        raise CompatibilityError(
-            f"{len(trained_base)} base weights were trained (e.g. {trained_base[0]}); PEFT's LoRA format carries only "
-            "low-rank updates: merge the run (`adaptkit merge`) instead"
-        )
+    whole = _trained_modules(model, native, trained_base)
     grouped = _native_updates(model, native)
+    both = sorted(set(whole) & set(grouped))
+    if both:
+        raise CompatibilityError(
+            f"native module '{both[0]}' has trained weights and a LoRA; PEFT cannot hold both on one module: "
+            "merge the run (`adaptkit merge`) instead"
+        )
     if not grouped:
-        raise CompatibilityError("the model has no low-rank updates to export")
+        raise CompatibilityError("the model has no low-rank updates to export (a PEFT LoRA directory needs at least one LoRA layer); merge the run (`adaptkit merge`) instead")
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
     alphas: dict[str, float] = {}
@@ -150,7 +188,7 @@ def peft_state(model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor
                 tensors[f"{PREFIX}{target}.{infix}lora_B.weight"] = b
         rank = int(tensors[f"{PREFIX}{target}.lora_A.weight"].shape[0])
         ranks[target], alphas[target] = rank, scale * rank
-    for ours, theirs in native.task_modules.items():
+    for theirs in [*native.task_modules.values(), *whole]:
         for pname, p in native.model.get_submodule(theirs).named_parameters():
             tensors[f"{PREFIX}{theirs}.{pname}"] = p.detach().clone()
     r = Counter(ranks.values()).most_common(1)[0][0]
@@ -176,7 +214,7 @@ def peft_state(model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor
         "target_modules": targets,
         "rank_pattern": {key(t): v for t, v in ranks.items() if v != r},
         "alpha_pattern": {key(t): _number(v) for t, v in alphas.items() if v != alpha},
-        "modules_to_save": sorted(native.task_modules.values()) or None,
+        "modules_to_save": sorted([*native.task_modules.values(), *whole]) or None,
         "use_rslora": False,
         "use_dora": False,
         "bias": "none",
@@ -384,10 +422,22 @@ def import_peft(directory: str | Path, base_spec: Any = None, registry: Any = No
     if not layers:
         raise CheckpointError(f"{directory}: the adapter holds no LoRA factors")
     params = record.for_layers(layers, dropout=float(config.get("lora_dropout") or 0.0), use_rslora=use_rslora)
-    model = build(load_spec({**spec.to_dict(), "methods": [params.model_dump(mode="json")]}, registry=reg), registry=reg)
+    methods = [params.model_dump(mode="json")]
+    task_saved = set(native.task_modules.values())
+    backbone_saved = sorted({key.rsplit(".", 1)[0] for key in saved} - task_saved)
+    if backbone_saved:  # whole trained backbone modules (a class embedding): a method that trains exactly them
+        unknown = [m for m in backbone_saved if m not in by_native]
+        if unknown:
+            raise CompatibilityError(
+                f"PEFT modules_to_save '{unknown[0]}' is neither a task module nor an adaptable layer of backbone "
+                f"'{spec.backbone.name}'; is the spec's backbone the adapter's base model?"
+            )
+        whole = _whole_module_record(reg)
+        methods.append(whole.for_modules([by_native[m] for m in backbone_saved]).model_dump(mode="json"))
+    model = build(load_spec({**spec.to_dict(), "methods": methods}, registry=reg), registry=reg)
     filled = set()
     with torch.no_grad():
-        for applied in model.adaptkit.methods:
+        for applied in model.adaptkit.methods[:1]:
             for update in applied.low_rank_updates():
                 a, b = factors[update.layer]
                 if tuple(a.shape) != tuple(update.a.shape) or tuple(b.shape) != tuple(update.b.shape):
@@ -416,6 +466,13 @@ def _adaptkit_info(directory: Path) -> dict[str, Any] | None:
         raise CheckpointError(f"{path}: not valid JSON") from None
 
 
+def _whole_module_record(reg: Any) -> Any:
+    offering = [r for r in reg.records("method") if r.for_modules is not None]
+    if not offering:
+        raise CompatibilityError("the adapter trains whole backbone modules (modules_to_save) and no registered method can hold them (no for_modules in its record)")
+    return offering[0]
+
+
 def _low_rank_record(reg: Any, method: str | None) -> Any:
     if method is not None:
         record = reg.get("method", method)
@@ -435,7 +492,10 @@ def _our_layers(model: nn.Module) -> dict[str, str]:
     for tower in model.surface.towers.values():
         for name in tower.modules:
             if name.startswith("backbone."):
-                out[model.backbone.native_module_name(name[len("backbone."):])] = name
+                try:
+                    out[model.backbone.native_module_name(name[len("backbone."):])] = name
+                except CompatibilityError:  # a part of the backbone the native model does not hold
+                    continue
     return out
 
 
@@ -453,7 +513,8 @@ def _native_layer_name(native: nn.Module, module: str) -> str:
 
 
 def _load_task_modules(model: nn.Module, native: NativeModel, saved: dict[str, torch.Tensor]) -> None:
-    theirs_to_ours = {v: k for k, v in native.task_modules.items()}
+    """Fill the task modules and the whole backbone modules of ``modules_to_save``."""
+    theirs_to_ours = {**_our_layers(model), **{v: k for k, v in native.task_modules.items()}}
     own = dict(model.named_parameters())
     with torch.no_grad():
         for key, tensor in saved.items():
@@ -461,7 +522,8 @@ def _load_task_modules(model: nn.Module, native: NativeModel, saved: dict[str, t
             if module not in theirs_to_ours:
                 raise CompatibilityError(
                     f"PEFT modules_to_save tensor '{key}' has no counterpart in the task model "
-                    f"(the task places {sorted(theirs_to_ours) or 'no modules'} in the plain model)"
+                    f"(the task places {sorted(native.task_modules.values()) or 'no modules'} in the plain model, "
+                    "and it is no adaptable layer of the backbone)"
                 )
             target = own[f"{theirs_to_ours[module]}.{pname}"]
             if target.shape != tensor.shape:

@@ -80,11 +80,17 @@ class MethodRecord(Record):
     exactly the named layers (qualified names), ``layers`` mapping each to its
     ``(rank, alpha)``. PEFT imports and adapter combinations use it to become ordinary
     specs of the method.
+
+    ``for_modules(names)``, optional, is for methods that train whole modules (full
+    fine-tuning): it returns params of this method that train every weight of exactly
+    the named modules (qualified names) and nothing else. PEFT imports use it for the
+    backbone modules of ``modules_to_save``.
     """
 
     check: Callable[[Any, str, Mapping[str, TowerInfo]], list[str]] | None = None
     recommended: Mapping[str, float] = field(default_factory=dict)
     for_layers: Callable[..., ComponentParams] | None = None
+    for_modules: Callable[[list[str]], ComponentParams] | None = None
     kind: ClassVar[str] = "method"
 
 

@@ -160,7 +160,11 @@ def test_what_cannot_travel_is_a_clear_error(tmp_path):
     with pytest.raises(CompatibilityError, match="method 'prompt' cannot be merged"):
         merge_to_native(prompt)
     full = adaptkit.build(spec_for(tmp_path, "vit", [{"name": "full", "targets": ["mlp.in"]}]))
-    with pytest.raises(CompatibilityError, match="base weights were trained .*adaptkit merge"):
+    with pytest.raises(CompatibilityError, match="no low-rank updates .*adaptkit merge"):
+        export_peft(full, tmp_path / "b")
+    # trained whole layers travel as modules_to_save; the class token has no module of its own
+    full = adaptkit.build(spec_for(tmp_path, "vit", [{"name": "full"}]))
+    with pytest.raises(CompatibilityError, match="base weights were trained .*cls_token.*adaptkit merge"):
         export_peft(full, tmp_path / "b")
     lora = randomised(adaptkit.build(spec_for(tmp_path, "vit", [{"name": "lora", "rank": 2}])))
     export_peft(lora, tmp_path / "ok")

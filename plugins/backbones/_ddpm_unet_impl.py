@@ -11,6 +11,7 @@ from torch import nn
 from adaptkit.errors import CompatibilityError, PluginError
 from adaptkit.surface import LayerSite, Surface
 from adaptkit_plugins.backbones import _diffusers_weights as weights
+from adaptkit_plugins.backbones._diffusers_native import DiffusersNative
 from adaptkit_plugins.backbones._diffusers_surface import ContextTokenSite, diffusers_tower
 from adaptkit_plugins.backbones._diffusion_common import Condition, DiffusionBackbone, repeat_condition
 from adaptkit_plugins.backbones._text_conditioning import TextConditioner
@@ -20,7 +21,7 @@ from adaptkit_plugins.backbones.ddpm_unet import ARCHITECTURES
 WHERE = "backbone.pretrained"
 
 
-class DdpmUnetBackbone(DiffusionBackbone):
+class DdpmUnetBackbone(DiffusersNative, DiffusionBackbone):
     """A diffusers UNet noise predictor with its conditioning.
 
     - ``UNet2DModel``: unconditional, or class labels through its class embedding
@@ -134,10 +135,6 @@ class DdpmUnetBackbone(DiffusionBackbone):
         if self.text is not None:
             towers.update(self.text.towers("text."))
         return Surface("ddpm_unet", towers)
-
-    def native_state_dict(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """diffusers' own names for the UNet's tensors (what UNet2DModel.load_state_dict expects)."""
-        return {k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")}
 
 
 def _check_architecture(arch: str, params: Any) -> None:

@@ -71,6 +71,11 @@ class StyleGan2Backbone(Backbone):
     """
 
     capabilities = frozenset({"style_generator"})
+    peft_problem = (
+        "its modulated convolutions and equalized-learning-rate linears do not apply their layers the way PEFT's "
+        "LoRA wrappers assume (PEFT would compute other images); merge the run instead (`adaptkit merge` writes "
+        "generator.safetensors in rosinality's layout)"
+    )
 
     def __init__(self, generator: Generator, config: dict[str, Any]) -> None:
         super().__init__()
@@ -175,6 +180,23 @@ class StyleGan2Backbone(Backbone):
                 tensor = tensor.unsqueeze(0)
             out[key] = tensor
         return out
+
+    # -- native export (adaptkit merge) ----------------------------------------
+    def native_model(self) -> nn.Module:
+        """A method-free generator of the same configuration (rosinality's layout, plain PyTorch)."""
+        return build_generator(self.config)
+
+    def native_recipe(self, native: nn.Module) -> dict[str, Any]:
+        return {
+            "library": "stylegan2 (rosinality stylegan2-pytorch layout)",
+            "config": self.config,
+            "python": "g = Generator(size, style_dim, n_mlp, channel_multiplier=...)  # rosinality's model.py; "
+            "g.load_state_dict(safetensors.torch.load_file('generator.safetensors'))",
+        }
+
+    def save_native(self, native: nn.Module, directory: Path, recipe: dict[str, Any]) -> list[str]:
+        save_generator(native, directory / "generator.safetensors", metadata={"format": "pt"})
+        return ["generator.safetensors"]
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "size": self.generator.size, "style_dim": self.style_dim, "n_latent": self.n_latent}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import Field
@@ -36,6 +37,13 @@ def apply_full(params: FullParams, surface: Any, ctx: Any) -> Any:
     return apply(params, surface)
 
 
+def full_for_modules(names: list[str]) -> FullParams:
+    """Full fine-tuning of exactly the named modules (qualified names), e.g. for PEFT's modules_to_save."""
+    if not names:
+        raise ValueError("no modules to train")
+    return FullParams(target_modules=[f"^{re.escape(name)}$" for name in names])
+
+
 @hookimpl
 def adaptkit_methods() -> list[MethodRecord]:
     return [
@@ -46,5 +54,6 @@ def adaptkit_methods() -> list[MethodRecord]:
             summary="full fine-tuning: every weight, or only the given roles/modules; optional frozen embeddings",
             check=check_full,
             recommended={"lr": 1e-3, "weight_decay": 0.05},
+            for_modules=full_for_modules,
         )
     ]
