@@ -305,6 +305,50 @@ def test_coop_through_the_prompt_method_reproduces_a_hand_template():
     assert [n for n, p in model.named_parameters() if p.requires_grad] == ["prompt_text.prompts"]
 
 
+def test_coop_init_text_starts_the_context_at_the_template_and_round_trips(tmp_path):
+    """`init_text` is CoOp's initialisation: before training the learner equals the hand template."""
+    spec = {
+        "backbone": {"name": "clip"},
+        "methods": [{"name": "prompt", "tower": "text", "deep": False, "init_text": "a photo of the digit"}],
+        "task": {"name": "zero_shot", "class_names": ["zero", "one", "two"]},
+        "data": {"name": "digits", "classes": [0, 1, 2]},
+    }
+    model = build(spec)
+    (applied,) = model.adaptkit.methods
+    (source,) = applied.added
+    assert source.count == 5 and applied.summary.startswith("5 shallow prompts")
+    backbone = model.backbone
+    with torch.no_grad():
+        learned = model.class_features()
+        sources, backbone.text_tokens._sources = backbone.text_tokens._sources, []  # the plain tower
+        expected = backbone.encode_text([f"a photo of the digit {n}" for n in ("zero", "one", "two")], normalize=True)
+        backbone.text_tokens._sources = sources
+        assert torch.allclose(learned, expected, atol=1e-6)
+        source.prompts.add_(0.1 * torch.randn(source.prompts.shape, generator=torch.Generator().manual_seed(0)))  # 'trained'
+    # the saved spec (count left out) rebuilds the same learner, and the trained context loads into it
+    path = adaptkit.save_adapter(model, tmp_path / "adapter.safetensors")
+    again = build(model.adaptkit.spec.to_dict())
+    adaptkit.load_adapter(again, path)
+    with torch.no_grad():
+        assert torch.equal(again.class_features(), model.class_features())
+        assert not torch.allclose(model.class_features(), expected, atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "method, message",
+    [
+        ({"tower": "text", "init_text": "a photo of a"}, "set deep: false"),
+        ({"tower": "all", "deep": False, "init_text": "a photo of a"}, "init_text needs text towers, but tower 'vision' reads images; set tower: text"),
+        ({"tower": "text", "deep": False, "count": 3, "init_text": "a photo of the digit"}, "is 5 tokens in tower 'text', but count is 3"),
+    ],
+)
+def test_coop_init_text_mistakes_are_named(method, message):
+    spec = {"backbone": {"name": "clip"}, "methods": [{"name": "prompt", **method}],
+            "task": {"name": "zero_shot", "class_names": ["zero", "one"]}, "data": {"name": "digits", "classes": [0, 1]}}
+    with pytest.raises((SpecError, CompatibilityError), match=message.replace("(", r"\(").replace(")", r"\)")):
+        build(spec)
+
+
 def test_gated_prefix_starts_at_the_base_model_on_both_towers():
     spec = {"backbone": {"name": "clip"}, "methods": [{"name": "prefix", "gate": True, "tower": "all"}],
             "task": {"name": "zero_shot"}, "data": {"name": "digits", "classes": [0, 1, 2]}}

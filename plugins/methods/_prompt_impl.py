@@ -52,6 +52,21 @@ class AttentionPrompts(nn.Module):
         return k.unsqueeze(0).expand(batch, -1, -1, -1), v.unsqueeze(0).expand(batch, -1, -1, -1)
 
 
+def _words(params: Any, site: Any, tower: str, backbone: str) -> torch.Tensor | None:
+    """The token embeddings of ``params.init_text`` in ``site``'s vocabulary (CoOp's initialisation)."""
+    if params.init_text is None:
+        return None
+    embed_words = getattr(site, "embed_words", None)
+    if embed_words is None:
+        raise CompatibilityError(
+            f"method 'prompt': init_text needs a tower that embeds words; tower '{tower}' of backbone '{backbone}' does not"
+        )
+    words = embed_words(params.init_text)
+    if words.shape[0] == 0:
+        raise CompatibilityError(f"method 'prompt': init_text {params.init_text!r} has no tokens")
+    return words
+
+
 def apply(params: Any, surface: Surface) -> AppliedMethod:
     kinds = sites_needed(params)
     towers = towers_with(surface, params.tower, kinds, "prompt")
@@ -62,11 +77,21 @@ def apply(params: Any, surface: Surface) -> AppliedMethod:
         fan_in = _patch_fan_in(tower)
         if "tokens" in kinds and tower.tokens is not None:
             site = tower.tokens
-            source = SequencePrompts(params.count, site.dim, site.num_layers, params.deep, params.init, fan_in)
+            words = _words(params, site, tower.name, surface.backbone)
+            count = params.tokens if words is None or params.count is not None else words.shape[0]
+            if words is not None and words.shape[0] != count:
+                raise CompatibilityError(
+                    f"method 'prompt': init_text {params.init_text!r} is {words.shape[0]} tokens in tower "
+                    f"'{tower.name}', but count is {count}; set count: {words.shape[0]} or leave count out"
+                )
+            source = SequencePrompts(count, site.dim, site.num_layers, params.deep, params.init, fan_in)
+            if words is not None:
+                with torch.no_grad():
+                    source.prompts.copy_(words.to(source.prompts)[None])
             attach(surface.root, f"prompt_{tower.name}", source)
             site.attach(source)
             added.append(source)
-            expected += (site.num_layers if params.deep else 1) * params.count * site.dim
+            expected += (site.num_layers if params.deep else 1) * count * site.dim
             routes.append(f"{tower.name}: tokens")
             continue
         for site in tower.attention:
@@ -75,12 +100,13 @@ def apply(params: Any, surface: Surface) -> AppliedMethod:
                     f"method 'prompt': attention site '{site.name}' of backbone '{surface.backbone}' cannot project "
                     "prompt tokens (no project_kv); use method 'prefix' there"
                 )
-            prompts = AttentionPrompts(site, params.count, params.init, fan_in)
+            prompts = AttentionPrompts(site, params.tokens, params.init, fan_in)
             attach(host(site.module), "prompt", prompts)
             site.add_kv(prompts.kv)
             added.append(prompts)
-            expected += params.count * site.dim
+            expected += params.tokens * site.dim
         routes.append(f"{tower.name}: attention ({len(tower.attention)} sites)")
     depth = "deep" if params.deep else "shallow"
-    summary = f"{params.count} {depth} prompts; {'; '.join(routes)}; {expected:,} parameters"
+    count = added[0].count if params.init_text is not None else params.tokens
+    summary = f"{count} {depth} prompts; {'; '.join(routes)}; {expected:,} parameters"
     return AppliedMethod("prompt", added, summary, expected_parameters=expected)
