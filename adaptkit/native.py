@@ -61,6 +61,8 @@ def spec_of_run(source: str | Path) -> tuple[Any, Path]:
             raise RunError(f"{source}: no adapter.safetensors (is it a finished run directory?)")
         if spec_file.is_file():
             return load_spec(spec_file), adapter
+    elif source.is_file() and source.suffix.lower() in (".yaml", ".yml", ".json"):
+        raise RunError(f"{source}: a spec, not a trained run; give the run directory (or its adapter.safetensors)")
     else:
         adapter = source
     metadata = read_metadata(adapter)
