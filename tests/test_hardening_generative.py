@@ -301,7 +301,9 @@ def test_edit_refuses_bad_flags_and_writes_nothing(edit_file, pictures, tmp_path
     save_file({"w": torch.full((16,), float("nan"))}, str(tmp_path / "nan_w.safetensors"))
     flags = [f.replace("{pictures}", str(pictures)).replace("{tmp}", str(tmp_path)) for f in flags]
     out = tmp_path / "edit.png"
-    user_error(capsys, ["edit", edit_file, *flags, "--out", out], fragment)
+    err = user_error(capsys, ["edit", edit_file, *flags, "--out", out], fragment)
+    if fragment.startswith("task."):
+        assert str(edit_file) in err  # the YAML file the path belongs to
     assert not out.exists() and not out.with_suffix(".json").exists()
 
 

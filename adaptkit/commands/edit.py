@@ -50,7 +50,12 @@ def _load(args: argparse.Namespace) -> tuple[Any, Path | None]:
         data = read_yaml(path)
         data.setdefault("name", path.stem)
         source = str(path)
-    spec = load_spec(data, list(args.overrides or []))
+    try:
+        spec = load_spec(data, list(args.overrides or []))
+    except SpecError as exc:  # a dict has no file name: say which file the problem is in
+        if exc.source is not None:
+            raise
+        raise SpecError(exc.problems, source) from None
     if spec.task.name != EDIT_TASK:
         raise SpecError(
             f"adaptkit edit needs a spec whose task is {EDIT_TASK}, this one's task is '{spec.task.name}'. "
