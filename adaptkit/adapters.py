@@ -128,7 +128,9 @@ class AdapterSet:
     def _check_base(self, spec: Any, fingerprint: str | None, where: str) -> None:
         ours, theirs = self.base_spec.backbone.model_dump(mode="json"), spec.backbone.model_dump(mode="json")
         if ours != theirs:
-            raise CompatibilityError(f"{where}: its backbone {theirs} is not this set's {ours}")
+            differ = [k for k in sorted(set(ours) | set(theirs)) if ours.get(k) != theirs.get(k)]
+            shown = "; ".join(f"backbone.{k}: {theirs.get(k)!r} here, {ours.get(k)!r} in the set" for k in differ[:3])
+            raise CompatibilityError(f"{where}: trained on another base model ({shown}); adapters combine only on one base")
         if fingerprint and fingerprint != self.model.adaptkit.base_fingerprint:
             raise CheckpointError(
                 f"{where}: trained on other base weights (fingerprint {fingerprint}, this set's is {self.model.adaptkit.base_fingerprint})"

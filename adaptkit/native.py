@@ -61,6 +61,8 @@ def spec_of_run(source: str | Path) -> tuple[Any, Path]:
             raise RunError(f"{source}: no adapter.safetensors (is it a finished run directory?)")
         if spec_file.is_file():
             return load_spec(spec_file), adapter
+    elif source.is_file() and source.suffix.lower() in (".yaml", ".yml", ".json"):
+        raise RunError(f"{source}: a spec, not a trained run; give the run directory (or its adapter.safetensors)")
     else:
         adapter = source
     metadata = read_metadata(adapter)
@@ -204,17 +206,6 @@ def save_native(model: nn.Module, result: NativeModel, directory: str | Path) ->
     }
     (directory / NATIVE_FILE).write_text(json.dumps(description, indent=2) + "\n")
     return [*files, NATIVE_FILE]
-
-
-def prepare_output(directory: str | Path, overwrite: bool = False) -> Path:
-    """Create ``directory``, refusing a non-empty one unless ``overwrite``."""
-    directory = Path(directory)
-    if directory.exists() and not directory.is_dir():
-        raise RunError(f"{directory}: exists and is not a directory")
-    if directory.is_dir() and any(directory.iterdir()) and not overwrite:
-        raise RunError(f"{directory} is not empty; pass --overwrite to write into it, or choose another directory")
-    directory.mkdir(parents=True, exist_ok=True)
-    return directory
 
 
 def save_run(model: nn.Module, directory: str | Path, status: str, note: dict[str, Any] | None = None) -> list[str]:

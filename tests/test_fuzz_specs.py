@@ -20,6 +20,20 @@ BASE = {
     "train": {"max_steps": 2, "progress": False},
 }
 
+# the generative components too: a DDPM, an unCLIP stage, a StyleGAN2 GAN and a CLIP-guided edit
+BASES = [
+    BASE,
+    {**BASE, "backbone": {"name": "ddpm_unet", "model": "ddpm_unet_tiny", "conditioning": "class", "num_classes": 10},
+     "methods": [{"name": "lora", "rank": 2, "targets": ["attn.q"]}], "task": {"name": "text_to_image", "preview": 0, "steps": 2}},
+    {**BASE, "backbone": {"name": "unclip", "stage": "prior", "prior": {"model": "unclip_prior_tiny"}, "decoder": {"model": "unclip_decoder_tiny"}},
+     "methods": [{"name": "full", "tower": "prior"}], "task": {"name": "text_to_image", "preview": 0}, "data": {"name": "digits_captions"}},
+    {**BASE, "backbone": {"name": "stylegan2", "model": "stylegan2_tiny_8", "style_dim": 16, "n_mlp": 2, "channels": {4: 16, 8: 16}},
+     "methods": [{"name": "full"}], "task": {"name": "stylegan2"}},
+    {**BASE, "backbone": {"name": "stylegan2", "model": "stylegan2_tiny_8", "style_dim": 16, "n_mlp": 2, "channels": {4: 16, 8: 16}},
+     "methods": [], "task": {"name": "clip_stylegan_edit", "prompt": "an eight", "neutral": "a three"},
+     "data": {"name": "latent_seeds", "train": 4, "val": 2, "test": 2}},
+]
+
 PATHS = [
     ("backbone",), ("backbone", "name"), ("backbone", "model"), ("backbone", "pretrained"), ("backbone", "img_size"),
     ("backbone", "in_chans"), ("backbone", "bogus"), ("methods",), ("methods", 0), ("methods", 0, "name"),
@@ -28,13 +42,20 @@ PATHS = [
     ("data",), ("data", "name"), ("data", "classes"), ("data", "image_size"), ("data", "channels"), ("data", "split"),
     ("data", "root"), ("data", "shots"), ("train",), ("train", "lr"), ("train", "batch_size"), ("train", "grad_accum"),
     ("train", "schedule"), ("train", "device"), ("seed",), ("output",), ("extra_top_level",),
+    ("backbone", "conditioning"), ("backbone", "num_classes"), ("backbone", "noise_schedule"), ("backbone", "noise_schedule", "beta_end"),
+    ("backbone", "stage"), ("backbone", "prior"), ("backbone", "decoder", "pretrained"), ("backbone", "style_dim"), ("backbone", "channels"),
+    ("backbone", "checkpoint_key"), ("backbone", "text_encoder"), ("task", "guidance_scale"), ("task", "steps"), ("task", "eta"),
+    ("task", "sampler"), ("task", "caption_template"), ("task", "class_ids"), ("task", "mode"), ("task", "prompt"), ("task", "truncation"),
+    ("task", "alpha"), ("task", "beta"), ("task", "r1_every"), ("data", "train"), ("data", "first"),
 ]
 
 values = st.one_of(
     st.none(), st.booleans(), st.sampled_from([-2, -1, 0, 1, 2, 3, 7, 64, 10**4]),
     st.sampled_from([-0.5, 0.0, 1e-3, 0.5, 1.0, float("nan"), float("inf")]),
     st.sampled_from(["vit", "lora", "full", "classification", "digits", "image_folder", "vit_tiny_32", "attn.q",
-                     "mlp.in", "text", "all", "cosine", "cpu", "cuda", "nonexistent.safetensors", "", "(", "vit_tiny_digits"]),
+                     "mlp.in", "text", "all", "cosine", "cpu", "cuda", "nonexistent.safetensors", "", "(", "vit_tiny_digits",
+                     "ddpm_unet", "unclip", "stylegan2", "text_to_image", "clip_stylegan_edit", "latent_seeds", "digits_captions",
+                     "ddpm_unet_tiny", "stylegan2_tiny_8", "unclip_prior_tiny", "class", "prior", "decoder", "global", "{label}"]),
     st.lists(st.sampled_from([0, 1, 5, 9, 11, "attn.q", "x"]), max_size=4),
     st.dictionaries(st.sampled_from(["name", "rank", "zzz"]), st.sampled_from(["lora", 1, None]), max_size=2),
 )
@@ -64,9 +85,9 @@ def mutate(spec: dict, path: tuple, value: object) -> dict:
 
 @pytest.mark.slow
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.lists(st.tuples(st.sampled_from(PATHS), values), min_size=1, max_size=3))
-def test_random_specs_never_give_a_traceback(tmp_path, capsys, changes):
-    spec = BASE
+@given(st.sampled_from(BASES), st.lists(st.tuples(st.sampled_from(PATHS), values), min_size=1, max_size=3))
+def test_random_specs_never_give_a_traceback(tmp_path, capsys, base, changes):
+    spec = base
     for path, value in changes:
         spec = mutate(spec, path, value)
     spec.setdefault("output", {})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from pathlib import Path
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -20,18 +21,24 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, help="rank of the svd combination (default: the largest input rank)")
     p.add_argument("--head", default="weighted", help="task head: 'weighted' (weighted mean) or the 1-based number of a run")
     p.add_argument("--evaluate", action="store_true", help="print each run's and the combination's test metrics")
-    p.add_argument("--overwrite", action="store_true", help="write into a non-empty directory")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT's files (a directory holding a run is replaced whole)")
     return p
 
 
 def main(args: argparse.Namespace) -> int:
     from adaptkit.adapters import AdapterSet
     from adaptkit.errors import CompatibilityError
-    from adaptkit.native import prepare_output, spec_of_run
+    from adaptkit.commands._outputs import check_finite, check_output_dir, staged_output
+    from adaptkit.native import spec_of_run
 
     weights = args.weights or [1.0] * len(args.runs)
     if len(weights) != len(args.runs):
         raise CompatibilityError(f"--weights: {len(weights)} weights for {len(args.runs)} runs")
+    for weight in weights:
+        check_finite(weight, "--weights")
+    if not any(weights):
+        raise CompatibilityError("--weights: all weights are 0; the combination would be no adapter at all")
+    check_output_dir(args.out, "OUT", args.overwrite, sources=args.runs)
     if args.rank is not None and args.rank <= 0:
         raise CompatibilityError("--rank must be > 0")
     names = []
@@ -48,8 +55,9 @@ def main(args: argparse.Namespace) -> int:
     for name, run in zip(names, args.runs):
         adapters.load(name, run)
     mix = adapters.combine("combined", dict(zip(names, weights)), how=args.how, rank=args.rank, head=head)
-    out = prepare_output(args.out, args.overwrite)
-    files = adapters.save("combined", out)
+    with staged_output(args.out, "OUT", args.overwrite, sources=args.runs) as staging:
+        files = adapters.save("combined", staging)
+    out = Path(args.out)
     (method,) = mix.methods
     print(f"{args.how} of {', '.join(f'{w:g} x {n}' for n, w in zip(names, weights))}: {method.summary}")
     if args.evaluate:

@@ -29,6 +29,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     source.add_argument("--image", action="append", help="source picture(s) to invert into W+ first")
     p.add_argument("--alphas", help="comma-separated edit strengths for the strip over alpha, e.g. 0,0.5,1,1.5")
     p.add_argument("--out", default="edit.png", help="output PNG (beside it: .json with the measurements, _w.safetensors with the latents)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     return p
 
 
@@ -49,7 +50,12 @@ def _load(args: argparse.Namespace) -> tuple[Any, Path | None]:
         data = read_yaml(path)
         data.setdefault("name", path.stem)
         source = str(path)
-    spec = load_spec(data, list(args.overrides or []))
+    try:
+        spec = load_spec(data, list(args.overrides or []))
+    except SpecError as exc:  # a dict has no file name: say which file the problem is in
+        if exc.source is not None:
+            raise
+        raise SpecError(exc.problems, source) from None
     if spec.task.name != EDIT_TASK:
         raise SpecError(
             f"adaptkit edit needs a spec whose task is {EDIT_TASK}, this one's task is '{spec.task.name}'. "
@@ -72,13 +78,52 @@ def _read_w(path: str) -> Any:
     from adaptkit.errors import CheckpointError
 
     state = load_weights(path)
-    for key in ("w", "w_edit", "latent"):
-        if key in state:
-            return state[key]
+    found = next((state[key] for key in ("w", "w_edit", "latent") if key in state), None)
     tensors = [v for v in state.values() if isinstance(v, torch.Tensor)]
-    if len(tensors) == 1:
-        return tensors[0]
+    if found is None and len(tensors) == 1:
+        found = tensors[0]
+    if found is not None:
+        if not found.is_floating_point() or not bool(torch.isfinite(found).all()):
+            raise CheckpointError(f"--w {path}: the latent must hold finite floating-point numbers")
+        return found
     raise CheckpointError(f"{path}: expected a tensor named 'w' (it holds {', '.join(sorted(state)) or 'nothing'})")
+
+
+def _alphas(text: str | None) -> list[float] | None:
+    import math
+
+    from adaptkit.errors import SpecError
+
+    if text is None:
+        return None
+    try:
+        alphas = [float(a) for a in text.split(",") if a.strip()]
+    except ValueError:
+        raise SpecError(f"--alphas: expected comma-separated numbers, got {text!r}") from None
+    if not alphas or not all(math.isfinite(a) for a in alphas):
+        raise SpecError(f"--alphas: expected comma-separated finite numbers, e.g. 0,0.5,1, got {text!r}")
+    return alphas
+
+
+def _check_outputs(args: argparse.Namespace) -> Path:
+    from adaptkit.commands._outputs import check_png_outputs
+    from adaptkit.errors import RunError
+
+    for seed in args.seed or []:
+        if seed < 0:
+            raise RunError(f"--seed must be >= 0, got {seed}")
+    out = Path(args.out)
+    beside = [out.with_suffix(".json"), out.with_name(out.stem + "_w.safetensors")]
+    sources = [*(args.image or []), *([args.w_file] if args.w_file else [])]
+    return check_png_outputs(out, "--out", args.overwrite, beside=beside, sources=sources)
+
+
+def _write_text(path: Path, text: str) -> None:
+    import os
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -86,11 +131,14 @@ def main(args: argparse.Namespace) -> int:
 
     from adaptkit.builder import build
     from adaptkit.checkpoint import load_adapter, save_tensors
+    from adaptkit.commands._outputs import atomic_png, check_image_file
     from adaptkit.distributed import resolve_device
-    from adaptkit.errors import RunError, SpecError
+    from adaptkit.errors import RunError
     from adaptkit_plugins.tasks._clip_edit_impl import image_tensor
     from adaptkit_plugins.tasks._stylegan_images import save_strips
 
+    out = _check_outputs(args)
+    alphas = _alphas(args.alphas)
     spec, adapter = _load(args)
     if spec.train.threads:
         torch.set_num_threads(spec.train.threads)
@@ -101,19 +149,22 @@ def main(args: argparse.Namespace) -> int:
     if adapter is not None and any(p.requires_grad for p in model.parameters()):
         model.remember_initial()
         load_adapter(model, adapter)
+    elif mode == "generator" and Path(args.spec).is_dir():
+        raise RunError(
+            f"{args.spec}: this generator-mode run has no adapter.safetensors (has it finished?); "
+            "finish it with `adaptkit run` (train.resume=true continues it) before editing with it"
+        )
     elif mode == "generator":
         raise RunError(
             "mode 'generator' edits with an adapted generator: train it first with `adaptkit run SPEC`, "
             "then run `adaptkit edit RUN_DIR`"
         )
-    alphas = None
-    if args.alphas:
-        try:
-            alphas = [float(a) for a in args.alphas.split(",") if a.strip()]
-        except ValueError:
-            raise SpecError(f"--alphas: expected comma-separated numbers, got {args.alphas!r}") from None
     g = model.backbone.generator
     if args.image:
+        for path in args.image:
+            note = check_image_file(path, "--image", g.img_channels, (g.size, g.size))
+            if note:
+                print(f"note: {note}")
         images = torch.cat([image_tensor(p, g.img_channels, g.size) for p in args.image]).to(device)
         result = model.edit(images=images, alphas=alphas)
         names = [Path(p).name for p in args.image]
@@ -125,14 +176,14 @@ def main(args: argparse.Namespace) -> int:
         result = model.edit(seeds=seeds, alphas=alphas)
         names = [f"seed {s}" for s in seeds]
 
-    out = Path(args.out)
     rows = [torch.cat([result.before[i : i + 1], result.after[i : i + 1], result.strip[i]]) for i in range(len(result.before))]
     titles = ["before", "after"] + [f"alpha {a:g}" for a in result.alphas]
-    save_strips(rows, out, column_titles=titles, row_titles=names, title=f"{mode}: '{spec.task.prompt}'")
+    atomic_png(lambda _, tmp: save_strips(rows, tmp, column_titles=titles, row_titles=names, title=f"{mode}: '{spec.task.prompt}'"),
+               out, None)
     summary = result.summary()
     report = {"mode": mode, "prompt": spec.task.prompt, "neutral": spec.task.neutral, "sources": names,
               "summary": summary, "per_source": result.metrics, "alphas": result.alphas}
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    _write_text(out.with_suffix(".json"), json.dumps(report, indent=2) + "\n")
     written = [out.name, out.with_suffix(".json").name]
     if result.w_source is not None:
         latents = {"w_source": result.w_source}

@@ -16,17 +16,22 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("out", help="directory to write")
     p.add_argument("--format", choices=["peft"], default="peft", help="output format (default: peft)")
     p.add_argument("--include-base", action="store_true", help="also write the base weights with the library's names (base_model.safetensors)")
-    p.add_argument("--overwrite", action="store_true", help="write into a non-empty directory")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT's files (a directory holding a run is replaced whole)")
     return p
 
 
 def main(args: argparse.Namespace) -> int:
-    from adaptkit.native import load_trained, prepare_output
+    from pathlib import Path
+
+    from adaptkit.commands._outputs import check_output_dir, staged_output
+    from adaptkit.native import load_trained
     from adaptkit.peft_format import export_peft
 
+    check_output_dir(args.out, "OUT", args.overwrite, sources=[args.run])
     model = load_trained(args.run)
-    out = prepare_output(args.out, args.overwrite)
-    files = export_peft(model, out, include_base=args.include_base)
+    with staged_output(args.out, "OUT", args.overwrite, sources=[args.run]) as staging:
+        files = export_peft(model, staging, include_base=args.include_base)
+    out = Path(args.out)
     print(f"wrote {out}/: {', '.join(files)}")
     import json
 

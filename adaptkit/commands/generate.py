@@ -26,13 +26,16 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--out", default="samples.png", help="grid PNG path (default samples.png)")
     p.add_argument("--scale", type=int, default=None, help="pixel enlargement of the PNGs (default: at least 64 px high)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing grid and single images")
     return p
 
 
 def main(args: argparse.Namespace) -> int:
+    from adaptkit.commands._outputs import (
+        MAX_IMAGE_SIDE, atomic_png, check_device, check_finite, check_image_file, check_png_outputs,
+    )
     from adaptkit.errors import CompatibilityError, RunError
     from adaptkit.images import save_grid, save_images
-    from adaptkit.runner import load_run
 
     if args.num < 1:
         raise RunError(f"--num must be at least 1, got {args.num}")
@@ -40,22 +43,37 @@ def main(args: argparse.Namespace) -> int:
         raise RunError(f"--steps must be at least 1, got {args.steps}")
     if args.scale is not None and args.scale < 1:
         raise RunError(f"--scale must be at least 1, got {args.scale}")
+    if args.seed < 0:
+        raise RunError(f"--seed must be >= 0, got {args.seed}")
+    check_finite(args.guidance, "--guidance", low=0)
+    check_finite(args.eta, "--eta", low=0, high=1)
+    check_device(args.device)
     for image in args.image:
         if not Path(image).is_file():
-            raise RunError(f"--image {image}: file not found")
-    out = Path(args.out)
-    if out.suffix.lower() != ".png":
-        raise RunError(f"--out {out}: the grid is written as PNG; give a path ending in .png")
+            raise RunError(f"--image {image}: file not found" if not Path(image).exists() else f"--image {image}: not a file")
+    out = check_png_outputs(args.out, "--out", args.overwrite, folder=Path(args.out).with_suffix(""), sources=args.image)
+
+    from adaptkit.runner import load_run
+
     model = load_run(args.run, args.overrides, device=args.device)
     generate = getattr(model, "generate", None)
     if generate is None:
         raise CompatibilityError(f"{args.run}: task '{model.adaptkit.spec.task.name}' does not generate images")
+    backbone = model.backbone
+    size = getattr(backbone, "image_size", None)
+    size = (size, size) if isinstance(size, int) else (tuple(size) if size else None)
+    if args.scale is not None and size and max(size) * args.scale > MAX_IMAGE_SIDE:
+        raise RunError(f"--scale {args.scale}: images of {max(size) * args.scale} pixels; at most {MAX_IMAGE_SIDE} per side")
+    for image in args.image:
+        note = check_image_file(image, "--image", getattr(backbone, "in_chans", None), size)
+        if note:
+            print(f"note: {note}")
     images, rows = generate(
         prompts=args.prompt or None, classes=args.classes or None, images=args.image or None, num=args.num,
         seed=args.seed, steps=args.steps, sampler=args.sampler, guidance=args.guidance, eta=args.eta,
     )
     columns = len(images) // len(rows)
-    save_grid(images, out, columns=columns, scale=args.scale)
+    atomic_png(save_grid, out, images, columns=columns, scale=args.scale)
     singles = save_images(images, out.with_suffix(""), scale=args.scale)
     for row in rows:
         print(f"row: {row}")

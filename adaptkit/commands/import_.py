@@ -19,14 +19,17 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--spec", help="YAML spec of the base model (backbone, task, data)")
     p.add_argument("overrides", nargs="*", help="key.path=value overrides of the spec")
     p.add_argument("--method", help="the low-rank method plugin to hold the factors (default: the only one registered, lora)")
-    p.add_argument("--overwrite", action="store_true", help="write into a non-empty directory")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT's files (a directory holding a run is replaced whole)")
     return p
 
 
 def main(args: argparse.Namespace) -> int:
     import adaptkit
     from adaptkit.errors import SpecError
-    from adaptkit.native import prepare_output, save_run
+    from pathlib import Path
+
+    from adaptkit.commands._outputs import check_output_dir, staged_output
+    from adaptkit.native import save_run
     from adaptkit.peft_format import import_peft
 
     base = None
@@ -34,9 +37,12 @@ def main(args: argparse.Namespace) -> int:
         base = adaptkit.load_spec(args.spec, args.overrides)
     elif args.overrides:
         raise SpecError("overrides need --spec (the base spec they change)")
+    sources = [args.peft_dir, *([args.spec] if args.spec else [])]
+    check_output_dir(args.out, "OUT", args.overwrite, sources=sources)
     model = import_peft(args.peft_dir, base, method=args.method)
-    out = prepare_output(args.out, args.overwrite)
-    files = save_run(model, out, "imported", {"source": str(args.peft_dir)})
+    with staged_output(args.out, "OUT", args.overwrite, sources=sources) as staging:
+        files = save_run(model, staging, "imported", {"source": str(args.peft_dir)})
+    out = Path(args.out)
     (method,) = model.adaptkit.methods
     print(f"imported {args.peft_dir}: {method.summary}")
     print(f"wrote {out}/: {', '.join(files)}")

@@ -16,17 +16,22 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     p.add_argument("run", help="run directory (or its adapter.safetensors)")
     p.add_argument("out", help="directory to write")
-    p.add_argument("--overwrite", action="store_true", help="write into a non-empty directory")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT's files (a directory holding a run is replaced whole)")
     return p
 
 
 def main(args: argparse.Namespace) -> int:
-    from adaptkit.native import load_trained, merge_to_native, prepare_output, save_native
+    from pathlib import Path
 
+    from adaptkit.commands._outputs import check_output_dir, staged_output
+    from adaptkit.native import load_trained, merge_to_native, save_native
+
+    check_output_dir(args.out, "OUT", args.overwrite, sources=[args.run])
     model = load_trained(args.run)
-    result = merge_to_native(model)  # first: a run that cannot merge leaves no empty directory behind
-    out = prepare_output(args.out, args.overwrite)
-    files = save_native(model, result, out)
+    result = merge_to_native(model)  # first: a run that cannot merge leaves nothing behind
+    with staged_output(args.out, "OUT", args.overwrite, sources=[args.run]) as staging:
+        files = save_native(model, result, staging)
+    out = Path(args.out)
     print(f"merged {', '.join(m.name for m in model.adaptkit.methods) or 'nothing'} into the base weights")
     print(f"wrote {out}/: {', '.join(files)}")
     return 0

@@ -61,13 +61,30 @@ def from_directory(folder: Path, family: tuple[str, ...], where: str) -> nn.Modu
         config = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{where}: {folder}/config.json is not readable JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{where}: {folder}/config.json must hold a JSON object (a diffusers model config)")
     arch = config.get("_class_name")
     if arch not in family:
         raise CheckpointError(f"{where}: {folder} holds a {arch or 'model of unknown class'}; expected one of {', '.join(family)}")
+    from diffusers.utils import logging as diffusers_logging
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity(60)  # above CRITICAL: our error says what is wrong; diffusers' own logs only add noise
     try:
-        return getattr(diffusers, arch).from_pretrained(str(folder), local_files_only=True)
-    except (OSError, ValueError, RuntimeError) as exc:
+        model = getattr(diffusers, arch).from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError, RuntimeError, TypeError, KeyError) as exc:
         raise CheckpointError(f"{where}: cannot load the diffusers model in {folder}: {str(exc)[:300]}") from None
+    finally:
+        diffusers_logging.set_verbosity(level)
+    check_finite_weights(model.state_dict(), f"{where}: {folder}")
+    return model
+
+
+def check_finite_weights(state: dict[str, torch.Tensor], where: str) -> None:
+    """Refuse weights holding NaN or infinity (a damaged file, or a diverged run)."""
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"{where}: {key} holds NaN or infinite values; the weights are damaged")
 
 
 def from_hub(name: str, arch: str, subfolder: str, where: str) -> nn.Module:
@@ -117,5 +134,8 @@ def load_into(
     for key, tensor in state.items():
         if tuple(tensor.shape) != tuple(own[key].shape):
             raise CheckpointError(f"{where}: {path}: {key} has shape {tuple(tensor.shape)}, the model expects {tuple(own[key].shape)}")
+        if own[key].is_floating_point() and not tensor.is_floating_point():
+            raise CheckpointError(f"{where}: {path}: {key} holds {tensor.dtype} values, the model expects floating point")
+    check_finite_weights(state, f"{where}: {path}")
     with torch.no_grad():
         module.load_state_dict(state, strict=False)

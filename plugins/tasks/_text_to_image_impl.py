@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -59,7 +60,12 @@ class TextToImageModel(TaskModel):
                 )
         if info.channels is not None and getattr(backbone, "in_chans", None) and info.channels != backbone.in_chans:
             raise DataError(f"data: images have {info.channels} channels but the denoiser generates {backbone.in_chans}; set data.channels={backbone.in_chans}")
-        return cls(backbone, params, names, ids)
+        model = cls(backbone, params, names, ids)
+        try:  # the spec's sampling defaults must work before hours of training, not after
+            model.sampler_settings()
+        except CompatibilityError as exc:
+            raise CompatibilityError(f"task: {exc}") from None
+        return model
 
     # ------------------------------------------------------------------ conditions
     def _batch_condition(self, batch: dict[str, Any]) -> Condition:
@@ -188,8 +194,16 @@ class TextToImageModel(TaskModel):
             raise CompatibilityError(f"unknown sampler '{settings['sampler']}'; use ddim or ddpm")
         if int(settings["steps"]) < 1:
             raise CompatibilityError(f"steps must be at least 1, got {settings['steps']}")
-        if float(settings["guidance"]) < 0:
-            raise CompatibilityError(f"the guidance scale must be >= 0, got {settings['guidance']}")
+        if not math.isfinite(float(settings["guidance"])) or float(settings["guidance"]) < 0:
+            raise CompatibilityError(f"the guidance scale must be a finite number >= 0, got {settings['guidance']}")
+        if not 0 <= float(settings["eta"]) <= 1:
+            raise CompatibilityError(f"eta must be between 0 and 1, got {settings['eta']}")
+        for denoiser in (getattr(self.backbone, n, None) for n in ("denoiser", "prior_denoiser", "decoder_denoiser")):
+            limit = getattr(denoiser, "schedule", {}).get("num_train_timesteps") if denoiser is not None else None
+            if limit is not None and int(settings["steps"]) > int(limit):
+                raise CompatibilityError(
+                    f"steps {settings['steps']}: more sampling steps than the {limit} timesteps the model was trained with"
+                )
         return SamplerSettings(**settings)
 
     def _class_index(self, name: str) -> int:

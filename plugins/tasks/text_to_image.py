@@ -32,7 +32,7 @@ class TextToImageParams(ComponentParams):
     caption_template: str = Field("{label}", description="caption of a labelled image for text conditioning, e.g. 'a handwritten digit {label}'")
     sampler: Literal["ddim", "ddpm"] = Field("ddim", description="diffusers scheduler for sampling")
     steps: int = Field(50, gt=0, description="sampling steps")
-    guidance_scale: float = Field(3.0, ge=0, description="classifier-free guidance scale (1 = plain conditional sampling)")
+    guidance_scale: float = Field(3.0, ge=0, allow_inf_nan=False, description="classifier-free guidance scale (1 = plain conditional sampling)")
     eta: float = Field(0.0, ge=0, le=1, description="DDIM noise (0 = deterministic DDIM, 1 = DDPM-like)")
     clip_sample: bool = Field(False, description="clip x0 to [-1, 1] each step (diffusers' default; ruins guidance >= 2)")
     preview: int = Field(4, ge=0, description="samples per class in samples.png after training (0: none)")

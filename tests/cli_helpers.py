@@ -1,0 +1,23 @@
+"""Helpers of the hardening tests: run the CLI expecting a user error; hash a folder's files."""
+
+from __future__ import annotations
+
+import hashlib
+
+from adaptkit.cli import main
+
+
+def digest(folder):
+    """Every file under ``folder`` with the hash of its bytes: equal digests = nothing changed."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def user_error(capsys, args, *fragments):
+    """Run the CLI; assert exit 2, one 'error:' line holding every fragment, no traceback."""
+    code = main([str(a) for a in args])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("error: ") and "Traceback" not in err and err.count("error:") == 1, err
+    for fragment in fragments:
+        assert fragment in err, err
+    return err
