@@ -1,8 +1,9 @@
-"""Helpers of the hardening tests: run the CLI expecting a user error; hash a folder's files."""
+"""Test helpers: run the CLI expecting a user error; hash a folder's files; a free port for torchrun."""
 
 from __future__ import annotations
 
 import hashlib
+import socket
 
 from adaptkit.cli import main
 
@@ -21,3 +22,10 @@ def user_error(capsys, args, *fragments):
     for fragment in fragments:
         assert fragment in err, err
     return err
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now: torchrun's rendezvous, so parallel test runs do not collide."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -14,6 +14,7 @@ from adaptkit.builder import build  # noqa: E402
 from adaptkit.errors import DataError  # noqa: E402
 from adaptkit_plugins.data.digits_captions import DIGIT_WORDS, WORDINGS, caption  # noqa: E402
 from adaptkit_plugins.tasks._contrastive_impl import clip_loss  # noqa: E402
+from tests.cli_helpers import free_port  # noqa: E402
 
 
 def _pseudocode_loss(image: np.ndarray, text: np.ndarray, t: float) -> float:
@@ -172,7 +173,7 @@ def test_ddp_contrasts_the_global_batch(tmp_path):
     path = tmp_path / "ddp.yaml"
     path.write_text(yaml.safe_dump(ddp))
     done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
          "-m", "adaptkit.cli", "run", str(path)],
         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300,
     )

@@ -17,6 +17,7 @@ from adaptkit.checkpoint import load_tensors
 from adaptkit.errors import RunError
 from adaptkit.train import Trainer, lr_factor
 from tests.conftest import tiny_vit_spec
+from tests.cli_helpers import free_port
 
 quiet = dict(log=lambda *_: None)
 
@@ -120,7 +121,7 @@ def test_ddp_two_processes_match_one(tmp_path):
     path.write_text(yaml.safe_dump(ddp))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
          "-m", "adaptkit.cli", "run", str(path)],
         capture_output=True, text=True, env=env, timeout=300,
     )

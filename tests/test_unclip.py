@@ -11,6 +11,7 @@ import torch
 import adaptkit
 from adaptkit.cli import main as cli
 from adaptkit.errors import CheckpointError, CompatibilityError, SpecError
+from tests.cli_helpers import free_port
 
 TEXT_UNET = {"name": "ddpm_unet", "model": "ddpm_unet_cross_tiny", "conditioning": "text", "text_encoder": {"model": "clip_tiny_digits"}}
 TINY_STAGES = {"prior": {"model": "unclip_prior_tiny"}, "decoder": {"model": "unclip_decoder_tiny"}}
@@ -182,7 +183,7 @@ def test_ddp_trains_a_stage_whose_model_holds_unused_parameters(tmp_path):
     path = tmp_path / "ddp.yaml"
     path.write_text(yaml.safe_dump(ddp))
     done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29547", "-m", "adaptkit.cli", "run", str(path)],
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}", "-m", "adaptkit.cli", "run", str(path)],
         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300,
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
