@@ -1,8 +1,9 @@
-"""Test helpers: run the CLI expecting a user error; hash a folder's files; a free port for torchrun."""
+"""Test helpers: run the CLI expecting a user error; hash a folder's files; damaged copies; a free port for torchrun."""
 
 from __future__ import annotations
 
 import hashlib
+import shutil
 import socket
 
 from adaptkit.cli import main
@@ -29,3 +30,10 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def altered_copy(source, target, change):
+    """Copy folder ``source`` to ``target``, apply ``change(target)`` (damage it) and return ``target``."""
+    shutil.copytree(source, target)
+    change(target)
+    return target

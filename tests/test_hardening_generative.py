@@ -14,7 +14,7 @@ import yaml
 
 import adaptkit
 from adaptkit.cli import main
-from tests.cli_helpers import digest, user_error
+from tests.cli_helpers import altered_copy, digest, user_error
 from adaptkit.errors import AdaptkitError, CheckpointError, CompatibilityError, SpecError
 
 CLASS_UNET = {"name": "ddpm_unet", "model": "ddpm_unet_tiny", "conditioning": "class", "num_classes": 10}
@@ -189,10 +189,7 @@ def test_diffusers_directories_and_files_that_are_damaged(tmp_path, capfd):
     first = next(iter(state))
 
     def damaged(name, change):
-        folder = tmp_path / name
-        shutil.copytree(tmp_path / "good", folder)
-        change(folder)
-        return folder
+        return altered_copy(tmp_path / "good", tmp_path / name, change)
 
     weights = "diffusion_pytorch_model.safetensors"
     cases = {

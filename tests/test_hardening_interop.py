@@ -10,7 +10,7 @@ import pytest
 
 import adaptkit
 from adaptkit.cli import main
-from tests.cli_helpers import digest, user_error
+from tests.cli_helpers import altered_copy, digest, user_error
 
 QUIET = {"log": lambda *_: None}
 
@@ -88,10 +88,7 @@ def test_import_refuses_what_is_not_a_peft_directory(runs, tmp_path, capsys):
     capsys.readouterr()
 
     def variant(name, change):
-        folder = tmp_path / name
-        shutil.copytree(tmp_path / "peft", folder)
-        change(folder)
-        return folder
+        return altered_copy(tmp_path / "peft", tmp_path / name, change)
 
     weights = "adapter_model.safetensors"
     cases = [
