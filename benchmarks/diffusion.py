@@ -1,7 +1,8 @@
 """Diffusion benchmark: sample quality judged by a digits classifier, and sampling speed vs diffusers.
 
     python benchmarks/diffusion.py                       # every section (several minutes on 2 CPU cores)
-    python benchmarks/diffusion.py --only classcond      # one section: classcond, transfer, unclip, speed
+    python benchmarks/diffusion.py --only classcond      # one section: classcond, transfer, unclip, text, speed
+    python benchmarks/diffusion.py --only text --clip runs/clip_pretrain_digits/adapter.safetensors   # reuse a CLIP
 
 Sections:
 - classcond: examples/ddpm_digits.yaml trained here; the share of samples a judge classifies
@@ -9,6 +10,7 @@ Sections:
 - transfer: a DDPM pretrained on digits 0-4 (examples/ddpm_digits_0_4.yaml) asked for 5-9
   before and after adaptation to 5-9 (LoRA: examples/ddpm_lora_digits_5_9.yaml; full fine-tuning).
 - unclip: prompts "a handwritten digit seven" through text -> prior -> decoder.
+- text: the GLIDE-style text-conditioned DDPM (examples/ddpm_text_digits.yaml), prompted the same way.
 - speed: our DDIM loop against diffusers' DDIMPipeline with the same UNet, seed and steps.
 
 The judge is LogisticRegression(C=1, max_iter=5000) on the 64 raw pixels of the digits'
@@ -74,6 +76,36 @@ def sample_digits(model: Any, digits: list[int], per_digit: int, guidance: float
     return images, [d for d in digits for _ in range(per_digit)]
 
 
+def clip_weights(work: Path) -> tuple[Path, str]:
+    """The CLIP the unclip and text sections condition on: --clip's file, or trained once per invocation."""
+    if CLIP.get("weights") is None:
+        clip = run_example("clip_pretrain_digits", work)
+        zero_shot = clip.metrics["test"].get("zero_shot_accuracy")
+        shown = f"{100 * zero_shot:.1f}%" if isinstance(zero_shot, float) else "n/a"
+        CLIP.update(weights=work / "clip_pretrain_digits" / "adapter.safetensors", note=f"CLIP {clip.seconds:.0f} s (test zero-shot {shown})")
+    return CLIP["weights"], CLIP["note"]
+
+
+#: the CLIP weights (and how they came about) shared by the sections of one invocation
+CLIP: dict[str, Any] = {}
+
+#: prompt wordings of the text sections: one the CLIP (and prior) never saw, one of the 8 training wordings
+UNSEEN, SEEN = "a handwritten digit {word}", "the number {word}, written by hand."
+
+
+def figures(rate: float, per: dict[int, float]) -> list[str]:
+    """A table row's agreement and per-digit agreement."""
+    return [f"{100 * rate:.1f}%", " ".join(f"{d}:{100 * v:.0f}" for d, v in per.items())]
+
+
+def prompted(model: Any, classifier: Any, wording: str, per_digit: int = 20, **sampling: Any) -> list[str]:
+    """A table row's figures for one wording of the ten digits: agreement, per digit, sampling seconds."""
+    started = time.perf_counter()
+    images, _ = model.generate(prompts=[wording.format(word=w) for w in DIGIT_WORDS], num=per_digit, seed=0, **sampling)
+    rate, per = agreement(classifier, images, [d for d in range(10) for _ in range(per_digit)])
+    return [*figures(rate, per), f"{time.perf_counter() - started:.1f}"]
+
+
 def table(headers: list[str], rows: list[list[Any]]) -> None:
     widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) for i, h in enumerate(headers)]
     print("| " + " | ".join(str(h).ljust(w) for h, w in zip(headers, widths)) + " |")
@@ -92,8 +124,7 @@ def classcond(work: Path, classifier: Any) -> None:
         started = time.perf_counter()
         images, wanted = sample_digits(model, list(range(10)), 20, guidance)
         seconds = time.perf_counter() - started
-        rate, per = agreement(classifier, images, wanted)
-        rows.append([f"{guidance:g}", f"{100 * rate:.1f}%", " ".join(f"{d}:{100 * v:.0f}" for d, v in per.items()), f"{seconds:.1f}"])
+        rows.append([f"{guidance:g}", *figures(*agreement(classifier, images, wanted)), f"{seconds:.1f}"])
     print(f"## Class-conditional DDPM on digits (ddpm_unet_8, {result.metrics['trainable_params']:,} params, "
           f"400 steps x 128, trained in {result.seconds:.0f} s; judge test accuracy {100 * judge.accuracy:.1f}%)\n")
     table(["guidance", "judge agrees", "per digit (%)", "sampling 200 images (s)"], rows)
@@ -133,40 +164,58 @@ def transfer(work: Path, classifier: Any) -> None:
 
 
 def unclip(work: Path, classifier: Any) -> None:
-    clip = run_example("clip_pretrain_digits", work)
-    clip_weights = work / "clip_pretrain_digits" / "adapter.safetensors"
-    prior = run_example("unclip_prior_digits", work, [f"backbone.clip.pretrained={clip_weights}"])
+    clip, clip_note = clip_weights(work)
+    prior = run_example("unclip_prior_digits", work, [f"backbone.clip.pretrained={clip}"])
     prior_weights = work / "unclip_prior_digits" / "adapter.safetensors"
-    decoder = run_example("unclip_decoder_digits", work, [f"backbone.clip.pretrained={clip_weights}",
+    decoder = run_example("unclip_decoder_digits", work, [f"backbone.clip.pretrained={clip}",
                                                           f"backbone.prior.pretrained={prior_weights}"])
     model = decoder.model.eval()
-    per_digit = 20
-    wanted = [d for d in range(10) for _ in range(per_digit)]
     rows = []
-    unseen, seen = "a handwritten digit {word}", "the number {word}, written by hand."
     backbone = model.backbone
     guided = backbone.prior_settings
-    for label, wording, prior_guidance in ((f"{unseen} (wording not seen in training)", unseen, guided.guidance),
-                                           (f"{seen} (a training wording)", seen, guided.guidance),
-                                           (f"{unseen}, prior guidance 1", unseen, 1.0),
-                                           (f"{seen}, prior guidance 1", seen, 1.0)):
+    for label, wording, prior_guidance in ((f"{UNSEEN} (wording not seen in training)", UNSEEN, guided.guidance),
+                                           (f"{SEEN} (a training wording)", SEEN, guided.guidance),
+                                           (f"{UNSEEN}, prior guidance 1", UNSEEN, 1.0),
+                                           (f"{SEEN}, prior guidance 1", SEEN, 1.0)):
         backbone.prior_settings = replace(guided, guidance=prior_guidance)
-        started = time.perf_counter()
-        images, _ = model.generate(prompts=[wording.format(word=w) for w in DIGIT_WORDS], num=per_digit, seed=0)
-        rate, per = agreement(classifier, images, wanted)
-        rows.append([label, f"{100 * rate:.1f}%", " ".join(f"{d}:{100 * v:.0f}" for d, v in per.items()), f"{time.perf_counter() - started:.1f}"])
+        rows.append([label, *prompted(model, classifier, wording)])
     backbone.prior_settings = guided
     test = decoder.model.adaptkit.data.test
     batch = test.batch(range(len(test)))
     sources = torch.cat([batch["images"][batch["labels"] == d][:2] for d in range(10)])
     images, _ = model.generate(images=sources, num=10, seed=0)
     rate, per = agreement(classifier, images, [d for d in range(10) for _ in range(20)])
-    rows.append(["image variations (2 test images per digit x 10)", f"{100 * rate:.1f}%", " ".join(f"{d}:{100 * v:.0f}" for d, v in per.items()), "-"])
-    zero_shot = clip.metrics["test"].get("zero_shot_accuracy")
-    shown = f"{100 * zero_shot:.1f}%" if isinstance(zero_shot, float) else "n/a"
-    print(f"## unCLIP on digits: CLIP {clip.seconds:.0f} s (test zero-shot {shown}), prior {prior.seconds:.0f} s, "
+    rows.append(["image variations (2 test images per digit x 10)", *figures(rate, per), "-"])
+    print(f"## unCLIP on digits: {clip_note}, prior {prior.seconds:.0f} s, "
           f"decoder {decoder.seconds:.0f} s of training; 20 samples per digit, prior 25 steps guidance 4, decoder DDIM 50 guidance 3\n")
     table(["prompt", "judge agrees", "per digit (%)", "sampling s"], rows)
+
+
+#: the text-conditioned DDPM as examples/ddpm_text_digits.yaml has it, and variations on it: (label, run name,
+#: overrides; "{work}" is the work directory, where earlier variants' runs are)
+TEXT_VARIANTS = [
+    ("UNet from scratch, text tower frozen (the example)", "ddpm_text_digits", []),
+    ("the example + 200 steps of prompt tuning (8 context tokens per cross-attention)", "ddpm_text_prompt",
+     ["backbone.pretrained={work}/ddpm_text_digits/adapter.safetensors", "methods=[{name: prompt, tower: unet, route: tokens, count: 8}]",
+      "train.max_steps=200", "train.eval_every=100", "train.lr=3e-2", "train.weight_decay=0"]),
+]
+
+
+def text(work: Path, classifier: Any) -> None:
+    clip, clip_note = clip_weights(work)
+    rows, trained = [], []
+    for label, run_name, overrides in TEXT_VARIANTS:
+        overrides = [o.replace("{work}", str(work)) for o in overrides]
+        result = run_example("ddpm_text_digits", work, [f"backbone.text_encoder.pretrained={clip}", *overrides], run_name)
+        model = result.model.eval()
+        trained.append(f"{run_name} {result.metrics['trainable_params']:,} params {result.seconds:.0f} s")
+        for wording in (UNSEEN, SEEN):
+            for guidance in (1.0, 3.0):
+                rows.append([label, f'"{wording.format(word="seven")}"', f"{guidance:g}", *prompted(model, classifier, wording, guidance=guidance)])
+                print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
+    print(f"## Text-conditioned DDPM (GLIDE-style) on digits: {clip_note}, frozen; training {', '.join(trained)}; "
+          f"20 samples per digit, DDIM 50; \"{UNSEEN.format(word='seven')}\" is a wording not seen in training\n")
+    table(["model", "prompt (shown for seven)", "guidance", "judge agrees", "per digit (%)", "sampling s"], rows)
 
 
 def speed(work: Path, classifier: Any, repeats: int = 5) -> None:
@@ -207,15 +256,21 @@ def speed(work: Path, classifier: Any, repeats: int = 5) -> None:
     table(["UNet", "batch", "ours (s)", "DDIMPipeline (s)", "ours / diffusers", "ratio of medians", "max |difference|"], rows)
 
 
-SECTIONS = {"classcond": classcond, "transfer": transfer, "unclip": unclip, "speed": speed}
+SECTIONS = {"classcond": classcond, "transfer": transfer, "unclip": unclip, "text": text, "speed": speed}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=sorted(SECTIONS), action="append", help="run only these sections")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--clip", type=Path, help="the adapter.safetensors of a clip_pretrain_digits run, for unclip and text "
+                        "(default: train one)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.clip is not None:
+        if not args.clip.is_file():
+            parser.error(f"--clip: {args.clip} is not a file")
+        CLIP.update(weights=args.clip.resolve(), note=f"CLIP {args.clip}")
     classifier = judge()
     with tempfile.TemporaryDirectory(prefix="adaptkit-diffusion-") as tmp:
         for name in args.only or list(SECTIONS):
