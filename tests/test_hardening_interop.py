@@ -129,6 +129,13 @@ def test_an_existing_output_is_refused_then_replaced_only_with_overwrite(runs, t
     user_error(capsys, ["merge", runs["a"], keep], "is not empty", "--overwrite")
     assert main(["merge", str(runs["a"]), str(keep), "--overwrite"]) == 0  # other files stay
     assert (keep / "notes.txt").read_text() == "my notes" and (keep / "model.safetensors").exists()
+    # a folder of one's own that merely holds a spec.yaml is written into, never replaced whole
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "spec.yaml").write_text("my spec")
+    (project / "train.py").write_text("print('mine')")
+    assert main(["merge", str(runs["a"]), str(project), "--overwrite"]) == 0
+    assert (project / "train.py").exists() and (project / "spec.yaml").read_text() == "my spec"
     # a directory holding another run is replaced whole: none of the old run's files survive
     other = tmp_path / "other_run"
     shutil.copytree(runs["b"], other)

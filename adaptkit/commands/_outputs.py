@@ -30,6 +30,21 @@ def holds_run(directory: Path) -> bool:
     return directory.is_dir() and any((directory / marker).is_file() for marker in RUN_MARKERS)
 
 
+def written_by_adaptkit(directory: Path) -> bool:
+    """True only for a directory whose run.json adaptkit wrote: the one kind ``--overwrite`` replaces whole.
+
+    Stricter than :func:`holds_run` on purpose: a user's folder that merely holds a file
+    named ``spec.yaml`` is written into, never removed.
+    """
+    import json
+
+    try:
+        run = json.loads((directory / "run.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(run, dict) and "spec_fingerprint" in run
+
+
 def _resolved(path: str | Path) -> Path:
     return Path(path).expanduser().resolve()
 
@@ -133,16 +148,16 @@ def check_output_dir(out: str | Path, flag: str, overwrite: bool, sources: Itera
 def staged_output(out: str | Path, flag: str, overwrite: bool, sources: Iterable[str | Path] = ()) -> Iterator[Path]:
     """Yield a staging directory beside ``out``; move its contents into ``out`` only if the body succeeds.
 
-    A failure leaves ``out`` exactly as it was. With ``overwrite``, a directory holding an
-    adaptkit run is replaced as a whole (no stale metrics of the old run stay behind);
-    any other directory keeps its unrelated files and gets the new ones.
+    A failure leaves ``out`` exactly as it was. With ``overwrite``, a run directory adaptkit
+    wrote (:func:`written_by_adaptkit`) is replaced as a whole (no stale metrics of the old
+    run stay behind); any other directory keeps its unrelated files and gets the new ones.
     """
     out = check_output_dir(out, flag, overwrite, sources)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         yield staging
-        if out.is_dir() and holds_run(out):
+        if out.is_dir() and written_by_adaptkit(out):
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, old / "run")
             os.replace(staging, out)
