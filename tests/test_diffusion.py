@@ -9,7 +9,7 @@ import torch
 
 import adaptkit
 from adaptkit.cli import main as cli
-from adaptkit.errors import CheckpointError, DataError, SpecError
+from adaptkit.errors import CheckpointError, CompatibilityError, DataError, SpecError
 
 CLASS = {"name": "ddpm_unet", "model": "ddpm_unet_tiny", "conditioning": "class", "num_classes": 10}
 UNCOND = {"name": "ddpm_unet", "model": "ddpm_unet_tiny"}
@@ -140,6 +140,26 @@ def test_sampling_is_deterministic_for_a_seed(tmp_path, sampler):
     assert not torch.allclose(first, other)
 
 
+def test_batched_sampling_keeps_order_and_its_first_batch_equals_a_run_of_that_size(tmp_path):
+    model = built(tmp_path).eval()
+    batched, rows = model.generate(classes=["3", "7"], num=3, seed=4, steps=3, batch_size=4)
+    again, _ = model.generate(classes=["3", "7"], num=3, seed=4, steps=3, batch_size=4)
+    whole, _ = model.generate(classes=["3", "7"], num=3, seed=4, steps=3)
+    assert batched.shape == whole.shape == (6, 1, 8, 8) and rows == ["3", "7"]
+    assert torch.equal(batched, again)
+    # batches of 2 over (3, 3, 7, 7): the first is drawn first from the seeded generator, as a run of the 3s alone
+    pairs, _ = model.generate(classes=["3", "7"], num=2, seed=4, steps=3, batch_size=2)
+    threes, _ = model.generate(classes=["3"], num=2, seed=4, steps=3)
+    assert torch.equal(pairs[:2], threes)
+    counts = []
+    denoise = model.backbone.generate
+    model.backbone.generate = lambda count, *a, **k: counts.append(count) or denoise(count, *a, **k)
+    model.generate(classes=["3", "7"], num=3, seed=4, steps=1, batch_size=4)
+    assert counts == [4, 2]  # never more than batch_size at once
+    with pytest.raises(CompatibilityError, match="batch_size must be at least 1"):
+        model.generate(classes=["3"], num=2, batch_size=0)
+
+
 def test_our_ddim_loop_equals_diffusers_ddim_pipeline(tmp_path):
     from diffusers import DDIMPipeline
 
@@ -223,6 +243,7 @@ def test_generate_cli_writes_the_grid_and_the_single_images(trained_run, tmp_pat
         (["--prompt", "a cat"], "unknown class 'a cat'"),
         (["--class", "3", "--num", "0"], "--num must be at least 1"),
         (["--class", "3", "--steps", "0"], "--steps must be at least 1"),
+        (["--class", "3", "--batch-size", "0"], "--batch-size must be at least 1"),
         (["--class", "3", "--out", "grid.jpg"], "PNG"),
         (["--class", "3", "--image", "missing.png"], "file not found"),
     ],

@@ -23,6 +23,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the task's)")
     p.add_argument("--eta", type=float, default=None, help="DDIM eta (0: deterministic)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images denoised at once (default: all); bounds memory for a large --num")
     p.add_argument("--out", default="samples.png", help="grid PNG path (default samples.png)")
     p.add_argument("--scale", type=int, default=None, help="pixel enlargement of the PNGs (default: at least 64 px high)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -43,6 +45,8 @@ def main(args: argparse.Namespace) -> int:
         raise RunError(f"--steps must be at least 1, got {args.steps}")
     if args.scale is not None and args.scale < 1:
         raise RunError(f"--scale must be at least 1, got {args.scale}")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise RunError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.seed < 0:
         raise RunError(f"--seed must be >= 0, got {args.seed}")
     check_finite(args.guidance, "--guidance", low=0)
@@ -71,6 +75,7 @@ def main(args: argparse.Namespace) -> int:
     images, rows = generate(
         prompts=args.prompt or None, classes=args.classes or None, images=args.image or None, num=args.num,
         seed=args.seed, steps=args.steps, sampler=args.sampler, guidance=args.guidance, eta=args.eta,
+        batch_size=args.batch_size,
     )
     columns = len(images) // len(rows)
     atomic_png(save_grid, out, images, columns=columns, scale=args.scale)

@@ -226,23 +226,33 @@ class TextToImageModel(TaskModel):
         sampler: str | None = None,
         guidance: float | None = None,
         eta: float | None = None,
+        batch_size: int | None = None,
     ) -> tuple[torch.Tensor, list[str]]:
         """Sample ``num`` images for each prompt / class / source image.
 
         Returns the images, (count * num, C, H, W) in [-1, 1] grouped by condition, and
         one caption per condition. Class-conditional models take class names (a prompt
         equal to a class name or its caption works too); text models take prompts;
-        unCLIP also takes source images (variations).
+        unCLIP also takes source images (variations). ``batch_size`` bounds how many
+        images are denoised at once (memory); batches draw their noise one after another
+        from the seeded generator, so the first batch equals a run of that size alone.
         """
         if num < 1:
             raise CompatibilityError(f"num must be at least 1, got {num}")
+        if batch_size is not None and batch_size < 1:
+            raise CompatibilityError(f"batch_size must be at least 1, got {batch_size}")
         settings = self.sampler_settings(steps=steps, sampler=sampler, guidance=guidance, eta=eta)
         device = next(self.parameters()).device
         rows, request = self._request(prompts, classes, images, num, device)
         generator = torch.Generator().manual_seed(self.params.seed if seed is None else seed)
+        total = len(rows) * num
+        size = total if batch_size is None else batch_size
+        outs = []
         with self.ema_weights():
-            out = self.backbone.generate(len(rows) * num, settings, generator, **request)
-        return out.float().cpu(), rows
+            for start in range(0, total, size):
+                part = {key: value[start:start + size] for key, value in request.items()}
+                outs.append(self.backbone.generate(min(size, total - start), settings, generator, **part).float().cpu())
+        return torch.cat(outs), rows
 
     def _request(self, prompts: list[str] | None, classes: list[str] | None, images: Any, num: int,
                  device: torch.device) -> tuple[list[str], dict[str, Any]]:
