@@ -61,6 +61,13 @@ def claim_output_dir(spec: RunSpec, overwrite: bool = False) -> Path:
     return out
 
 
+def method_names(spec: RunSpec, trainable: int) -> str:
+    """The spec's methods for a header line; without any, what trains instead (the task's own parameters, or nothing)."""
+    if spec.methods:
+        return ", ".join(m.name for m in spec.methods)
+    return "no method: the task's own parameters" if trainable else "no method: nothing trains"
+
+
 def _write_json(path: Path, data: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
@@ -113,7 +120,7 @@ def run(spec: RunSpec | dict[str, Any] | str | Path, overrides: list[str] | None
     lr = recommended(spec, reg, "lr", 1e-3)
     weight_decay = recommended(spec, reg, "weight_decay", 0.0 if spec.methods else 0.01)
     say(
-        f"adaptkit {__version__}: {spec.backbone.name} + [{', '.join(m.name for m in spec.methods) or 'no method: head only'}]"
+        f"adaptkit {__version__}: {spec.backbone.name} + [{method_names(spec, trainable)}]"
         f" -> {spec.task.name} on {spec.data.name} | trainable {trainable:,} / {total:,} ({100 * trainable / max(1, total):.2f}%)"
         f" | lr {lr:g} wd {weight_decay:g} | device {device}{f' x{dist.world}' if dist.enabled else ''} | {out}"
     )

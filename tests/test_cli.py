@@ -79,8 +79,10 @@ def test_run_prints_metrics_and_refuses_to_clobber(tmp_path, capsys):
 
 def test_dry_run_and_plugins_and_schema(tmp_path):
     code, out, _ = cli("run", write(tmp_path, "d.yaml", tiny_vit_spec(tmp_path)), "--dry-run")
-    assert code == 0 and "trainable parameters" in out
+    assert code == 0 and "trainable parameters" in out and "+ [lora] ->" in out
     assert not (tmp_path / "run").exists()
+    code, out, _ = cli("run", write(tmp_path, "probe.yaml", tiny_vit_spec(tmp_path, methods=[])), "--dry-run")
+    assert code == 0 and "+ [no method: the task's own parameters] ->" in out  # a linear probe: the head trains
     code, out, _ = cli("plugins", "--json")
     listing = json.loads(out)
     lora = next(m for m in listing["method"] if m["name"] == "lora")

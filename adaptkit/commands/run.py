@@ -21,11 +21,11 @@ def main(args: argparse.Namespace) -> int:
     spec = adaptkit.load_spec(args.file, args.overrides)
     if args.dry_run:
         from adaptkit.builder import build, count_parameters
+        from adaptkit.runner import method_names
 
         model = build(spec)
         trainable, total = count_parameters(model)
-        methods = ", ".join(m.name for m in spec.methods) or "none (head only)"
-        print(f"{args.file}: {spec.backbone.name} + [{methods}] -> {spec.task.name} on {spec.data.name}")
+        print(f"{args.file}: {spec.backbone.name} + [{method_names(spec, trainable)}] -> {spec.task.name} on {spec.data.name}")
         print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(1, total):.2f}%)")
         return 0
     result = adaptkit.run(spec, overwrite=args.overwrite)
