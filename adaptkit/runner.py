@@ -109,12 +109,15 @@ def run(spec: RunSpec | dict[str, Any] | str | Path, overrides: list[str] | None
     out = output_dir_for(spec)
     if dist.main:
         out = claim_output_dir(spec, overwrite)
+    barrier(dist)
+
+    # build before marking the directory as a run: a spec that cannot build (missing weights,
+    # bad data) leaves no half-started run behind that a second try would have to --overwrite
+    model = build(spec, registry=reg, keep_data=True)
+    if dist.main:
         (out / "spec.yaml").write_text(spec.to_yaml())
         _write_json(out / RUN_FILE, {"name": spec.name, "spec_fingerprint": spec.fingerprint(), "status": "running",
                                      "adaptkit_version": __version__, "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
-    barrier(dist)
-
-    model = build(spec, registry=reg, keep_data=True)
     data = model.adaptkit.data
     trainable, total = count_parameters(model)
     lr = recommended(spec, reg, "lr", 1e-3)

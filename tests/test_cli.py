@@ -92,6 +92,17 @@ def test_dry_run_and_plugins_and_schema(tmp_path):
     assert code == 0 and json.loads(out)["title"] == "adaptkit RunSpec"
 
 
+def test_a_run_that_cannot_build_leaves_no_run_behind(tmp_path, capsys):
+    spec = tiny_vit_spec(tmp_path)
+    spec["backbone"]["pretrained"] = str(tmp_path / "missing.safetensors")
+    path = write(tmp_path, "missing.yaml", spec)
+    for _ in range(2):  # the second try fails the same way, not with "already holds a run"
+        assert main(["run", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert "missing.safetensors" in err and "already holds" not in err
+    assert not (tmp_path / "run" / "run.json").exists()
+
+
 def test_bad_command_line_exits_2():
     code, _, err = cli("run")
     assert code == 2 and "usage" in err

@@ -328,6 +328,30 @@ def test_pretrained_from_a_diffusers_directory_and_from_a_weights_file(tmp_path)
         built(tmp_path, backbone={**CLASS, "pretrained": str(tmp_path / "unet_dir")})
 
 
+def test_a_hub_repo_id_is_fetched_and_a_failed_fetch_names_both_readings(tmp_path, monkeypatch):
+    import diffusers
+
+    from adaptkit_plugins.backbones._diffusers_weights import is_hub_repo
+
+    (tmp_path / "org").mkdir()
+    (tmp_path / "org" / "name").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert is_hub_repo("google/ddpm-cifar10-32") and is_hub_repo("hf-hub:google/ddpm-cifar10-32")
+    assert not is_hub_repo("org/name")  # exists here: a local directory
+    assert not is_hub_repo("runs/x/adapter.safetensors") and not is_hub_repo("/abs/dir") and not is_hub_repo("unet.pt")
+    asked = []
+
+    def offline(repo, **kwargs):  # what from_pretrained does without a network
+        asked.append(repo)
+        raise OSError(f"{repo} does not appear to have a file named config.json.")
+
+    monkeypatch.setattr(diffusers.UNet2DModel, "from_pretrained", offline)
+    with pytest.raises(CheckpointError, match="no local path 'google/ddpm-cifar10-32' exists, and 'google/ddpm-cifar10-32' "
+                       "could not be fetched from the hub"):
+        built(tmp_path, backbone={**UNCOND, "pretrained": "google/ddpm-cifar10-32"})
+    assert asked and set(asked) == {"google/ddpm-cifar10-32"}
+
+
 def test_an_adapter_file_is_not_a_base_model(trained_run, tmp_path):
     adapter = str(trained_run.output_dir / "adapter.safetensors")
     with pytest.raises(CheckpointError, match="adapter file"):

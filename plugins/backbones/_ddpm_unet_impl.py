@@ -15,7 +15,6 @@ from adaptkit_plugins.backbones._diffusers_native import DiffusersNative
 from adaptkit_plugins.backbones._diffusers_surface import ContextTokenSite, diffusers_tower
 from adaptkit_plugins.backbones._diffusion_common import Condition, DiffusionBackbone, repeat_condition
 from adaptkit_plugins.backbones._text_conditioning import TextConditioner
-from adaptkit_plugins.backbones._timm_common import is_local_path
 from adaptkit_plugins.backbones.ddpm_unet import ARCHITECTURES
 
 WHERE = "backbone.pretrained"
@@ -62,7 +61,7 @@ class DdpmUnetBackbone(DiffusersNative, DiffusionBackbone):
             kwargs["num_class_embeds"] = num_classes + 1
 
         pretrained = params.pretrained
-        local = bool(pretrained) and is_local_path(pretrained)
+        local = bool(pretrained) and not weights.is_hub_repo(pretrained)
         folder = weights.is_diffusers_directory(Path(pretrained), "unet") if local else None
         if folder is not None:
             unet = weights.from_directory(folder, ARCHITECTURES, WHERE)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -87,17 +88,32 @@ def check_finite_weights(state: dict[str, torch.Tensor], where: str) -> None:
             raise CheckpointError(f"{where}: {key} holds NaN or infinite values; the weights are damaged")
 
 
+#: ``org/name``: a Hugging Face repository id (when no such local path exists)
+HUB_REPO = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+WEIGHT_SUFFIXES = {".safetensors", ".pt", ".pth", ".bin", ".ckpt"}
+
+
+def is_hub_repo(value: str) -> bool:
+    """True for ``hf-hub:org/name``, and for ``org/name`` where no such local path exists
+    (``google/ddpm-cifar10-32``); a path with a weights suffix is always local."""
+    if value.startswith("hf-hub:"):
+        return True
+    return not Path(value).exists() and Path(value).suffix not in WEIGHT_SUFFIXES and HUB_REPO.match(value) is not None
+
+
 def from_hub(name: str, arch: str, subfolder: str, where: str) -> nn.Module:
     import diffusers
 
+    repo = name.removeprefix("hf-hub:")
     try:
-        return getattr(diffusers, arch).from_pretrained(name, subfolder=subfolder)
+        return getattr(diffusers, arch).from_pretrained(repo, subfolder=subfolder)
     except Exception as exc:  # network, missing repo, wrong class: all mean the same to the user
         try:
-            return getattr(diffusers, arch).from_pretrained(name)
+            return getattr(diffusers, arch).from_pretrained(repo)
         except Exception:
+            local = "" if name.startswith("hf-hub:") else f"no local path '{name}' exists, and "
             raise CheckpointError(
-                f"{where}: could not fetch '{name}' from the hub ({type(exc).__name__}: {str(exc)[:160]}); "
+                f"{where}: {local}'{repo}' could not be fetched from the hub ({type(exc).__name__}: {str(exc)[:160]}); "
                 "without a network, pass a local diffusers directory or weights file instead"
             ) from None
 
