@@ -66,3 +66,98 @@ def broadcast_flag(info: DistInfo, flag: bool) -> bool:
     tensor = torch.tensor([1 if flag else 0])
     dist.broadcast(tensor, src=0)
     return bool(tensor.item())
+
+
+# ----------------------------------------------------------------- FSDP (train.strategy: fsdp)
+def fsdp_available() -> bool:
+    """Whether this torch has the FSDP2 API (``torch.distributed.fsdp.fully_shard``)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule, fully_shard  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def shard_model(model: torch.nn.Module, device: torch.device, info: DistInfo) -> int:
+    """Shard ``model`` in place with FSDP2 over all processes: one unit per block the
+    model's adaptation surface lists (every tower's ``blocks``), plus the root for the
+    rest (embeddings, norms, heads). Frozen and trainable parameters may share a unit.
+    Returns the number of block units."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from adaptkit.errors import RunError
+
+    if not fsdp_available():  # pragma: no cover - depends on the torch build
+        raise RunError("train.strategy is 'fsdp' but this torch has no torch.distributed.fsdp.fully_shard; use strategy ddp")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    mesh = init_device_mesh(device.type, (info.world,))
+    blocks: list[torch.nn.Module] = []
+    surface = getattr(model, "surface", None)
+    for tower in (surface.towers.values() if surface is not None else ()):
+        for site in tower.blocks:
+            try:
+                module = model.get_submodule(site.name)
+            except AttributeError:
+                continue
+            if all(module is not seen for seen in blocks):
+                blocks.append(module)
+    # a block inside another listed block would split the outer unit: keep the outermost
+    inner = {id(m) for outer in blocks for m in outer.modules() if m is not outer}
+    blocks = [m for m in blocks if id(m) not in inner]
+    for block in blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return len(blocks)
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a sharded (DTensor) one, gathered on every process; others as they are.
+    Collective for a DTensor: every process must call it, in the same order."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def like(saved: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """``saved`` (a whole tensor) placed as ``reference`` is: sharded the same way when it is a DTensor."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(reference, DTensor):
+        return distribute_tensor(saved.to(reference.device, reference.dtype), reference.device_mesh, reference.placements)
+    return saved.to(reference.device)
+
+
+class unsharded_root:
+    """Gather the FSDP root's own parameters for calls that bypass ``forward`` (a task's
+    ``evaluate``); the blocks still gather and free theirs on each call. A no-op otherwise."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+
+    def __enter__(self) -> None:
+        if _is_fsdp(self.model):
+            self.model.unshard()
+
+    def __exit__(self, *args: object) -> None:
+        if _is_fsdp(self.model):
+            self.model.reshard()
+
+
+def unshard_for_good(model: torch.nn.Module) -> None:
+    """Leave every FSDP unit gathered (whole parameters on every process) and stop
+    re-sharding after forward, so that what runs after training (final evaluation,
+    rank 0 saving the adapter) sees plain whole tensors. Collective."""
+    for module in model.modules():
+        if _is_fsdp(module):
+            module.unshard()
+            module.set_reshard_after_forward(False, recurse=False)
+
+
+def _is_fsdp(module: torch.nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(module, FSDPModule)

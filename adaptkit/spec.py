@@ -55,6 +55,9 @@ class TrainSpec(StrictModel):
     resume: bool = Field(False, description="continue from the output directory's last checkpoint")
     progress: bool = True
     threads: int | None = Field(None, gt=0, description="torch CPU threads")
+    strategy: Literal["auto", "ddp", "fsdp"] = Field(
+        "auto", description="under torchrun: ddp (a full copy per process) or fsdp (parameters sharded per block); auto = ddp"
+    )
 
     @model_validator(mode="after")
     def _check_accum(self) -> "TrainSpec":
@@ -106,7 +109,7 @@ class RunSpec(StrictModel):
         import hashlib
 
         data = self.to_dict()
-        for key in ("resume", "progress", "device", "threads"):
+        for key in ("resume", "progress", "device", "threads", "strategy"):
             data["train"].pop(key, None)
         data.pop("output", None)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]

@@ -1,4 +1,4 @@
-"""The training loop: one process, or several under torchrun (DDP).
+"""The training loop: one process, or several under torchrun (DDP, or FSDP with train.strategy fsdp).
 
 Read it top to bottom: :func:`fit` builds the optimizer and schedule, restores a
 checkpoint when resuming, then runs optimizer steps over seeded, sharded global
@@ -21,7 +21,7 @@ from torch import nn
 
 from adaptkit.checkpoint import load_tensors, save_tensors
 from adaptkit.data import BatchDataset, DataBundle, iterate, to_device
-from adaptkit.distributed import DistInfo
+from adaptkit.distributed import DistInfo, full_tensor, like, shard_model, unshard_for_good, unsharded_root
 from adaptkit.errors import CheckpointError, RunError
 from adaptkit.spec import TrainSpec
 from adaptkit.task import TaskModel
@@ -105,6 +105,7 @@ class Trainer:
         self.checkpoint_every = train.checkpoint_every or self.eval_every
         self.warmup = int(train.warmup if train.warmup >= 1 else round(train.warmup * self.total_steps))
         self.trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        self.fsdp = False  # set by fit: train.strategy fsdp under torchrun
 
     # ----------------------------------------------------------------- setup
     def _optimizer(self) -> torch.optim.Optimizer:
@@ -122,6 +123,15 @@ class Trainer:
     def fit(self) -> TrainResult:
         model = self.model.to(self.device)
         model.train()
+        self.fsdp = self.cfg.strategy == "fsdp" and self.dist.enabled
+        if self.cfg.strategy == "fsdp" and not self.dist.enabled:
+            self.log("train.strategy is fsdp but this is one process (not launched with torchrun): nothing to shard, training as a plain loop")
+        if self.fsdp:
+            units = shard_model(model, self.device, self.dist)
+            # fully_shard replaces the parameters with sharded ones (same names)
+            self.trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+            if self.dist.main:
+                self.log(f"fsdp: {units} blocks and the root sharded over {self.dist.world} processes")
         optimizer = self._optimizer()
         result = TrainResult()
         start_step, loss_sum, loss_count, elapsed = 0, 0.0, 0, 0.0
@@ -136,7 +146,7 @@ class Trainer:
             self._rewrite_history(result.history)
 
         engine: nn.Module = model
-        if self.dist.enabled:
+        if self.dist.enabled and not self.fsdp:
             from torch.nn.parallel import DistributedDataParallel
 
             engine = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
@@ -171,7 +181,11 @@ class Trainer:
                     batch = self.data.augment(batch, rand[micro])
                 batch = to_device(batch, self.device)
                 sync = k == len(micro_batches) - 1
-                context = engine.no_sync() if (self.dist.enabled and not sync) else _null()
+                if self.fsdp:
+                    engine.set_requires_gradient_sync(sync)  # reduce-scatter gradients on the last micro-batch only
+                    context = _null()
+                else:
+                    context = engine.no_sync() if (self.dist.enabled and not sync) else _null()
                 with context:
                     with self._autocast():
                         out = engine(batch)
@@ -213,11 +227,13 @@ class Trainer:
                         if key in record:
                             bar.write(f"step {done}: train_loss {record['train_loss']:.4f}  {key} {record[key]:.4f}")
             if done % self.checkpoint_every == 0 or done == self.total_steps:
-                if self.dist.main:
+                if self.dist.main or self.fsdp:  # under fsdp every process gathers its shards; rank 0 writes
                     self._save_state(optimizer, done, result.history, loss_sum, loss_count, elapsed + time.perf_counter() - started)
         if bar is not None:
             bar.close()
         model.finish_training()
+        if self.fsdp:
+            unshard_for_good(model)
         result.steps = self.total_steps
         result.seconds = elapsed + time.perf_counter() - started
         return result
@@ -228,7 +244,8 @@ class Trainer:
         dataset = getattr(self.data, split)
         if dataset is None or len(dataset) == 0:
             return {}
-        return evaluate(self.model, dataset, self.cfg.eval_batch_size or self.cfg.batch_size, self.device, self._autocast)
+        with unsharded_root(self.model):
+            return evaluate(self.model, dataset, self.cfg.eval_batch_size or self.cfg.batch_size, self.device, self._autocast)
 
     def _progress(self, start: int) -> Any:
         if not (self.cfg.progress and self.dist.main):
@@ -239,13 +256,16 @@ class Trainer:
 
     # ----------------------------------------------------------------- state
     def _save_state(self, optimizer: torch.optim.Optimizer, step: int, history: list[dict[str, Any]], loss_sum: float, loss_count: int, elapsed: float) -> None:
-        tensors: dict[str, torch.Tensor] = {f"param.{name}": p for name, p in self.trainable}
-        index_of = {id(p): i for i, (_, p) in enumerate(self.trainable)}
-        for p, state in optimizer.state.items():
-            for key, value in state.items():
+        # whole tensors: under fsdp every process takes part in gathering the shards, in the same order
+        tensors: dict[str, torch.Tensor] = {f"param.{name}": full_tensor(p.detach()) for name, p in self.trainable}
+        for i, (_, p) in enumerate(self.trainable):
+            for key, value in optimizer.state.get(p, {}).items():
                 if isinstance(value, torch.Tensor):
-                    tensors[f"optim.{index_of[id(p)]}.{key}"] = value.reshape(value.shape) if value.ndim else value.reshape(1)
-        tensors.update({f"task.{name}": t for name, t in self.model.extra_state().items()})
+                    value = full_tensor(value)
+                    tensors[f"optim.{i}.{key}"] = value.reshape(value.shape) if value.ndim else value.reshape(1)
+        tensors.update({f"task.{name}": full_tensor(t) for name, t in self.model.extra_state().items()})
+        if not self.dist.main:
+            return
         tensors["rng.torch"] = torch.get_rng_state()
         if torch.cuda.is_available() and self.device.type == "cuda":
             tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
@@ -275,18 +295,21 @@ class Trainer:
             raise CheckpointError(f"{path}: the checkpoint's trainable tensors differ from this model's")
         with torch.no_grad():
             for name, p in self.trainable:
-                p.copy_(tensors[f"param.{name}"])
+                p.copy_(like(tensors[f"param.{name}"], p))
         # prime AdamW's state with the saved moments
         for i, (_, p) in enumerate(self.trainable):
             state = {}
             for key in ("step", "exp_avg", "exp_avg_sq"):
                 saved = tensors.get(f"optim.{i}.{key}")
                 if saved is not None:
-                    state[key] = saved.reshape(()) if key == "step" else saved.to(self.device)
+                    state[key] = saved.reshape(()) if key == "step" else like(saved, p)
             if state:
                 optimizer.state[p] = state
         extra = {name[len("task."):]: t.to(self.device) for name, t in tensors.items() if name.startswith("task.")}
         if extra:
+            if self.fsdp:
+                raise CheckpointError(f"{path}: resuming a task's own state ({', '.join(sorted(extra))}) under train.strategy fsdp "
+                                      "is not supported; resume with strategy ddp")
             self.model.load_extra_state(extra)
         torch.set_rng_state(tensors["rng.torch"])
         if "rng.cuda" in tensors and self.device.type == "cuda":
