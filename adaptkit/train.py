@@ -127,6 +127,12 @@ class Trainer:
         if self.cfg.strategy == "fsdp" and not self.dist.enabled:
             self.log("train.strategy is fsdp but this is one process (not launched with torchrun): nothing to shard, training as a plain loop")
         if self.fsdp:
+            kind = type(model)
+            if kind.extra_state is not TaskModel.extra_state or kind.after_optimizer_step is not TaskModel.after_optimizer_step:
+                raise RunError(
+                    f"train.strategy: task '{model.adaptkit.spec.task.name}' keeps copies of its weights besides the "
+                    "trained ones (EMA), which fsdp does not shard; use train.strategy=ddp (or auto)"
+                )
             units = shard_model(model, self.device, self.dist)
             # fully_shard replaces the parameters with sharded ones (same names)
             self.trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
@@ -306,10 +312,7 @@ class Trainer:
             if state:
                 optimizer.state[p] = state
         extra = {name[len("task."):]: t.to(self.device) for name, t in tensors.items() if name.startswith("task.")}
-        if extra:
-            if self.fsdp:
-                raise CheckpointError(f"{path}: resuming a task's own state ({', '.join(sorted(extra))}) under train.strategy fsdp "
-                                      "is not supported; resume with strategy ddp")
+        if extra:  # (fit refuses fsdp for tasks that keep such state)
             self.model.load_extra_state(extra)
         torch.set_rng_state(tensors["rng.torch"])
         if "rng.cuda" in tensors and self.device.type == "cuda":
