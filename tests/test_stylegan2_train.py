@@ -99,3 +99,29 @@ def test_bad_data_is_refused(tmp_path):
     spec = gan_spec(tmp_path, d_channels={8: 16})
     with pytest.raises(DataError, match="d_channels: no channel count for resolutions \\[4\\]"):
         adaptkit.build(spec)
+
+
+def test_samples_and_exported_generator_come_from_eval_mode(tmp_path):
+    # write_artifacts runs after training with the model in train mode: a method's dropout must not reach
+    # samples.png or the exported generator's latent_avg, and the mode must come back as it was
+    from PIL import Image
+
+    from adaptkit.checkpoint import load_tensors
+
+    spec = gan_spec(tmp_path)
+    spec["methods"] = [{"name": "lora", "rank": 2, "targets": ["conv", "mlp.in", "mlp.out"], "dropout": 0.5}]
+    model = adaptkit.build(spec)
+    for p in model.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.3)  # a LoRA update that dropout would visibly change
+    for mode in ("eval", "train"):
+        model.train(mode == "train")
+        model._written = False
+        (tmp_path / mode).mkdir()
+        model.write_artifacts({}, tmp_path / mode, "test")
+        assert model.training == (mode == "train")
+    samples = [Image.open(tmp_path / mode / "samples.png").tobytes() for mode in ("eval", "train")]
+    assert samples[0] == samples[1]
+    latent = [load_tensors(tmp_path / mode / "generator.safetensors")[0]["latent_avg"] for mode in ("eval", "train")]
+    torch.testing.assert_close(latent[1], latent[0])
+

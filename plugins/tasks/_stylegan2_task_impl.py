@@ -199,16 +199,21 @@ class StyleGan2TaskModel(TaskModel):
         from adaptkit_plugins.backbones._stylegan2_impl import save_generator
 
         files = []
-        with self.ema_weights():
-            images = self.sample(self.params.samples).cpu()
-            save_grid(images, output_dir / "samples.png", ncol=int(math.ceil(math.sqrt(len(images)))))
-            files.append("samples.png")
-            methods = getattr(getattr(self, "adaptkit", None), "methods", [])
-            if all(m.mergeable for m in methods):
-                with merged(methods):
-                    save_generator(self.backbone.generator, output_dir / "generator.safetensors",
-                                   latent_avg=self.backbone.mean_latent(), metadata={"format": "rosinality-stylegan2/g_ema"})
-                files.append("generator.safetensors")
+        was_training = self.training
+        self.eval()  # called right after training: no method's dropout in the samples or latent_avg
+        try:
+            with self.ema_weights():
+                images = self.sample(self.params.samples).cpu()
+                save_grid(images, output_dir / "samples.png", ncol=int(math.ceil(math.sqrt(len(images)))))
+                files.append("samples.png")
+                methods = getattr(getattr(self, "adaptkit", None), "methods", [])
+                if all(m.mergeable for m in methods):
+                    with merged(methods):
+                        save_generator(self.backbone.generator, output_dir / "generator.safetensors",
+                                       latent_avg=self.backbone.mean_latent(), metadata={"format": "rosinality-stylegan2/g_ema"})
+                    files.append("generator.safetensors")
+        finally:
+            self.train(was_training)
         return files
 
 

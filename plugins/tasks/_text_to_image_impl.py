@@ -248,10 +248,15 @@ class TextToImageModel(TaskModel):
         total = len(rows) * num
         size = total if batch_size is None else batch_size
         outs = []
-        with self.ema_weights():
-            for start in range(0, total, size):
-                part = {key: value[start:start + size] for key, value in request.items()}
-                outs.append(self.backbone.generate(min(size, total - start), settings, generator, **part).float().cpu())
+        was_training = self.training
+        self.eval()  # samples.png is drawn right after training: no method's dropout in the samples
+        try:
+            with self.ema_weights():
+                for start in range(0, total, size):
+                    part = {key: value[start:start + size] for key, value in request.items()}
+                    outs.append(self.backbone.generate(min(size, total - start), settings, generator, **part).float().cpu())
+        finally:
+            self.train(was_training)
         return torch.cat(outs), rows
 
     def _request(self, prompts: list[str] | None, classes: list[str] | None, images: Any, num: int,
