@@ -379,3 +379,18 @@ def test_a_full_run_is_the_base_of_the_next(tmp_path):
     second = built(tmp_path, backbone={**CLASS, "pretrained": weights}, methods=[{"name": "lora", "rank": 2}])
     trained = first.model.backbone.unet.state_dict()
     assert all(torch.equal(v, second.backbone.unet.state_dict()[k]) for k, v in trained.items())
+
+
+def test_generation_runs_in_eval_mode_whatever_mode_the_model_is_in(tmp_path):
+    # write_artifacts (samples.png) runs right after training, with the model still in train mode:
+    # a method's dropout must not reach the samples, and the mode must come back as it was
+    lora = [{"name": "lora", "rank": 2, "targets": ["attn.q", "attn.v", "conv"], "dropout": 0.5}]
+    model = built(tmp_path, methods=lora)
+    for p in model.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.3)  # a LoRA update that dropout would visibly change
+    expected, _ = model.eval().generate(classes=["3"], num=2, seed=1, steps=2)
+    model.train()
+    got, _ = model.generate(classes=["3"], num=2, seed=1, steps=2)
+    assert model.training
+    torch.testing.assert_close(got, expected)

@@ -99,3 +99,57 @@ def test_bad_data_is_refused(tmp_path):
     spec = gan_spec(tmp_path, d_channels={8: 16})
     with pytest.raises(DataError, match="d_channels: no channel count for resolutions \\[4\\]"):
         adaptkit.build(spec)
+
+
+def test_samples_and_exported_generator_come_from_eval_mode(tmp_path):
+    # write_artifacts runs after training with the model in train mode: a method's dropout must not reach
+    # samples.png or the exported generator's latent_avg, and the mode must come back as it was
+    from PIL import Image
+
+    from adaptkit.checkpoint import load_tensors
+
+    spec = gan_spec(tmp_path)
+    spec["methods"] = [{"name": "lora", "rank": 2, "targets": ["conv", "mlp.in", "mlp.out"], "dropout": 0.5}]
+    model = adaptkit.build(spec)
+    for p in model.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.3)  # a LoRA update that dropout would visibly change
+    for mode in ("eval", "train"):
+        model.train(mode == "train")
+        model._written = False
+        (tmp_path / mode).mkdir()
+        model.write_artifacts({}, tmp_path / mode, "test")
+        assert model.training == (mode == "train")
+    samples = [Image.open(tmp_path / mode / "samples.png").tobytes() for mode in ("eval", "train")]
+    assert samples[0] == samples[1]
+    latent = [load_tensors(tmp_path / mode / "generator.safetensors")[0]["latent_avg"] for mode in ("eval", "train")]
+    torch.testing.assert_close(latent[1], latent[0])
+
+
+def test_ema_moves_once_per_optimizer_step_and_resumes(tmp_path):
+    # the trainer calls training_step once per micro-batch (train.grad_accum) and after_optimizer_step once per
+    # step: the average must follow the optimizer steps, and a resumed run must get it back from the checkpoint
+    model = adaptkit.build(gan_spec(tmp_path, ema_decay=0.9))
+    model.train()
+    batch = {"images": torch.rand(4, 1, 8, 8) * 2 - 1, "labels": torch.zeros(4, dtype=torch.long)}
+    weight = model.backbone.generator.conv1.conv.weight
+    expected = weight.detach().clone()
+    for step in (1, 2, 3):
+        for _ in range(2):  # two micro-batches
+            model.training_step(batch)
+        with torch.no_grad():
+            weight.add_(0.1)  # what the optimizer step does
+        model.after_optimizer_step(step)
+        decay = min(0.9, step / (step + 10.0))
+        expected = decay * expected + (1 - decay) * weight.detach()
+    with model.ema_weights():
+        torch.testing.assert_close(weight.detach(), expected)
+
+    state = model.extra_state()
+    assert state, "the EMA generator must be part of the checkpoint"
+    resumed = adaptkit.build(gan_spec(tmp_path, ema_decay=0.9)).train()
+    resumed.load_extra_state({k: v.clone() for k, v in state.items()})
+    assert int(resumed.steps) == 3  # R1's lazy interval goes on where it stopped
+    resumed.training_step(batch)  # must not restart the average from the current weights
+    with resumed.ema_weights():
+        torch.testing.assert_close(resumed.backbone.generator.conv1.conv.weight.detach(), expected)

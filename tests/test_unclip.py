@@ -188,3 +188,14 @@ def test_ddp_trains_a_stage_whose_model_holds_unused_parameters(tmp_path):
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     assert "x2" in done.stdout and (tmp_path / "run" / "adapter.safetensors").exists()
+
+
+def test_each_unclip_stage_checks_its_own_sampling_steps_against_its_schedule(tmp_path):
+    # generation runs the prior with backbone.prior.steps and the decoder with the task's (or --steps) steps
+    few = {"noise_schedule": {"num_train_timesteps": 40}}  # the prior samples with 25 steps by default
+    model = built(tmp_path, unclip("decoder", prior=few))
+    assert model.sampler_settings(steps=50).steps == 50  # the decoder's 1000 timesteps allow it
+    with pytest.raises(CompatibilityError, match="steps 1001: more sampling steps than the 1000"):
+        model.sampler_settings(steps=1001)
+    with pytest.raises(CompatibilityError, match="backbone.prior.steps 50: more sampling steps than the 40"):
+        built(tmp_path, unclip("decoder", prior={**few, "steps": 50}))

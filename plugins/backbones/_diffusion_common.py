@@ -78,6 +78,14 @@ def add_noise(schedule_alphas: torch.Tensor, x0: torch.Tensor, noise: torch.Tens
     return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
 
 
+def too_many_steps(steps: int, schedule: dict[str, Any], field: str) -> str | None:
+    """Why ``steps`` sampling steps cannot run on a stage trained with ``schedule`` (more than its timesteps), or None."""
+    limit = schedule.get("num_train_timesteps")
+    if limit is not None and steps > int(limit):
+        return f"{field} {steps}: more sampling steps than the {limit} timesteps the model was trained with"
+    return None
+
+
 def alphas_cumprod(schedule: dict[str, Any]) -> torch.Tensor:
     """abar_t of a schedule, as diffusers computes it."""
     from diffusers import DDPMScheduler
@@ -148,6 +156,10 @@ class DiffusionBackbone(Backbone):
         raise NotImplementedError
 
     # generation -------------------------------------------------------------------
+    def steps_problem(self, steps: int) -> str | None:
+        """Why sampling with ``steps`` steps cannot work (a stage trained with fewer timesteps), or None."""
+        return too_many_steps(steps, self.denoiser.schedule, "steps")
+
     def generation_problem(self, prompts: bool) -> str | None:
         """Why this model cannot generate now (e.g. an untrained stage), or None."""
         return None

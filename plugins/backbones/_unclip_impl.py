@@ -14,7 +14,14 @@ from adaptkit.errors import CheckpointError, CompatibilityError
 from adaptkit.surface import LayerSite, Surface
 from adaptkit_plugins.backbones import _diffusers_weights as weights
 from adaptkit_plugins.backbones._diffusers_surface import diffusers_tower
-from adaptkit_plugins.backbones._diffusion_common import Condition, DiffusionBackbone, SamplerSettings, repeat_condition, sample
+from adaptkit_plugins.backbones._diffusion_common import (
+    Condition,
+    DiffusionBackbone,
+    SamplerSettings,
+    repeat_condition,
+    sample,
+    too_many_steps,
+)
 from adaptkit_plugins.backbones._text_conditioning import build_clip
 from adaptkit_plugins.backbones._timm_common import is_local_path
 
@@ -152,6 +159,11 @@ class UnclipBackbone(DiffusionBackbone):
         return {"image_embed": self.image_embedding(images)}
 
     # ------------------------------------------------------------------ generation
+    def steps_problem(self, steps: int) -> str | None:
+        # the sampling steps drive the decoder; the prior samples with its own backbone.prior.steps
+        return (too_many_steps(steps, self.decoder_denoiser.schedule, "steps")
+                or too_many_steps(self.prior_settings.steps, self.prior_denoiser.schedule, "backbone.prior.steps"))
+
     def generation_problem(self, prompts: bool) -> str | None:
         needed = ["prior", "decoder"] if prompts else ["decoder"]
         missing = [s for s in needed if not self.ready[s]]

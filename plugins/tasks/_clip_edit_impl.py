@@ -94,19 +94,20 @@ class ClipStyleGanEditModel(TaskModel):
             raise SpecError(f"task.neutral: mode '{self.params.mode}' needs the neutral (source) text")
         return self.guide.text_direction(prompt or self.params.prompt, neutral)
 
-    def _mapping_generator(self) -> Any:
+    def _source_generator(self) -> Any:
+        """The method-free generator: the frozen copy in generator mode, else the backbone's own."""
         return self.source_generator if self.source_generator is not None else self.backbone.generator
 
     def mean_latent(self) -> torch.Tensor:
         if self._mean_latent is None or self._mean_latent.device != self.backbone.generator.input.input.device:
-            self._mean_latent = self._mapping_generator().mean_latent(4096)
+            self._mean_latent = self._source_generator().mean_latent(4096)
         return self._mean_latent
 
     @torch.no_grad()
     def latents_from_seeds(self, seeds: Sequence[int] | torch.Tensor, space: str | None = None) -> torch.Tensor:
         """Truncated W (B, D) or W+ (B, n_latent, D) latents of the given seeds."""
         z = self.backbone.z_from_seeds(seeds)
-        w = self._mapping_generator().mapping(z)
+        w = self._source_generator().mapping(z)
         t = self.params.truncation
         if t < 1:
             mean = self.mean_latent()
@@ -118,8 +119,7 @@ class ClipStyleGanEditModel(TaskModel):
         return self.backbone.synthesis(w, noise="const")
 
     def render_source(self, w: torch.Tensor) -> torch.Tensor:
-        generator = self.source_generator if self.source_generator is not None else self.backbone.generator
-        return generator.synthesis(w, noise="const")
+        return self._source_generator().synthesis(w, noise="const")
 
     def invert(self, images: torch.Tensor) -> tuple[torch.Tensor, float]:
         """W+ latents reproducing ``images`` (B, C, S, S) in [-1, 1] (pixel MSE); and the final MSE."""

@@ -42,8 +42,7 @@ class StyleGan2TaskModel(TaskModel):
         self.discriminator = Discriminator(g.size, d_channels, g.img_channels)
         self.ema = nn.Module()  # buffers filled at the first step, once the methods have chosen what trains
         self._ema_names: list[str] = []
-        # training-time bookkeeping, not model state: kept out of state dicts (non-persistent)
-        self.register_buffer("ema_steps", torch.zeros((), dtype=torch.long), persistent=False)
+        #: optimizer steps done (the trainer's count, so R1's interval survives a resume); not model state
         self.register_buffer("steps", torch.zeros((), dtype=torch.long), persistent=False)
         self._written = False
 
@@ -109,7 +108,8 @@ class StyleGan2TaskModel(TaskModel):
         return out
 
     def training_step(self, batch: dict[str, Any]) -> StepOutput:
-        self._update_ema()
+        if self.training and not self._ema_names:
+            self._start_ema()  # from the weights training starts with (restored ones when resuming)
         real = batch["images"]
         p = self.params
         # R1 is a training-time regulariser (it needs input gradients): off in eval mode and under no_grad
@@ -118,8 +118,6 @@ class StyleGan2TaskModel(TaskModel):
         loss = parts["d_loss"] + parts["g_loss"]
         if "r1" in parts:
             loss = loss + p.r1_gamma / 2 * parts["r1"] * p.r1_every  # lazy: scaled by the interval
-        if self.training:
-            self.steps += 1
         return StepOutput(loss, real.shape[0], {k: float(v.detach()) for k, v in parts.items()})
 
     # -- EMA -------------------------------------------------------------------
@@ -128,23 +126,42 @@ class StyleGan2TaskModel(TaskModel):
             if p.requires_grad:
                 yield name, p
 
+    def _start_ema(self, values: dict[str, torch.Tensor] | None = None) -> None:
+        """Register the EMA buffers: copies of the trained generator weights, or ``values`` (a resume)."""
+        for name, p in self._generator_parameters():
+            value = values[name] if values is not None else p
+            self.ema.register_buffer(name.replace(".", "__"), value.detach().clone().to(p), persistent=False)
+            self._ema_names.append(name)
+
     @torch.no_grad()
-    def _update_ema(self) -> None:
-        if not self.training:
-            return
+    def after_optimizer_step(self, step: int) -> None:
+        """Once per optimizer step (not per micro-batch): R1's interval and the EMA follow the optimizer."""
+        self.steps.fill_(step)
         if not self._ema_names:
-            for name, p in self._generator_parameters():
-                key = name.replace(".", "__")
-                self.ema.register_buffer(key, p.detach().clone(), persistent=False)
-                self._ema_names.append(name)
             return
         # ramp-up: average over roughly the steps so far until the decay takes over
-        step = int(self.ema_steps) + 1
         decay = min(self.params.ema_decay, step / (step + 10.0))
         params = dict(self.backbone.named_parameters())
         for name in self._ema_names:
             getattr(self.ema, name.replace(".", "__")).lerp_(params[name].detach(), 1 - decay)
-        self.ema_steps += 1
+
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        ema = {f"ema.{name}": getattr(self.ema, name.replace(".", "__")) for name in self._ema_names}
+        return {"steps": self.steps, **ema}
+
+    def load_extra_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        if "steps" in tensors:
+            self.steps.fill_(int(tensors["steps"]))
+        ema = {name[len("ema."):]: t for name, t in tensors.items() if name.startswith("ema.")}
+        if not ema:
+            return
+        wanted = {name for name, _ in self._generator_parameters()}
+        if set(ema) != wanted:
+            from adaptkit.errors import CheckpointError
+
+            raise CheckpointError(f"the checkpoint's EMA generator holds {len(ema)} tensors, this run trains {len(wanted)}")
+        self._ema_names = []
+        self._start_ema(ema)
 
     @contextlib.contextmanager
     def ema_weights(self) -> Iterator[None]:
@@ -199,16 +216,21 @@ class StyleGan2TaskModel(TaskModel):
         from adaptkit_plugins.backbones._stylegan2_impl import save_generator
 
         files = []
-        with self.ema_weights():
-            images = self.sample(self.params.samples).cpu()
-            save_grid(images, output_dir / "samples.png", ncol=int(math.ceil(math.sqrt(len(images)))))
-            files.append("samples.png")
-            methods = getattr(getattr(self, "adaptkit", None), "methods", [])
-            if all(m.mergeable for m in methods):
-                with merged(methods):
-                    save_generator(self.backbone.generator, output_dir / "generator.safetensors",
-                                   latent_avg=self.backbone.mean_latent(), metadata={"format": "rosinality-stylegan2/g_ema"})
-                files.append("generator.safetensors")
+        was_training = self.training
+        self.eval()  # called right after training: no method's dropout in the samples or latent_avg
+        try:
+            with self.ema_weights():
+                images = self.sample(self.params.samples).cpu()
+                save_grid(images, output_dir / "samples.png", ncol=int(math.ceil(math.sqrt(len(images)))))
+                files.append("samples.png")
+                methods = getattr(getattr(self, "adaptkit", None), "methods", [])
+                if all(m.mergeable for m in methods):
+                    with merged(methods):
+                        save_generator(self.backbone.generator, output_dir / "generator.safetensors",
+                                       latent_avg=self.backbone.mean_latent(), metadata={"format": "rosinality-stylegan2/g_ema"})
+                    files.append("generator.safetensors")
+        finally:
+            self.train(was_training)
         return files
 
 

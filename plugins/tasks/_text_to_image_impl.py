@@ -198,12 +198,9 @@ class TextToImageModel(TaskModel):
             raise CompatibilityError(f"the guidance scale must be a finite number >= 0, got {settings['guidance']}")
         if not 0 <= float(settings["eta"]) <= 1:
             raise CompatibilityError(f"eta must be between 0 and 1, got {settings['eta']}")
-        for denoiser in (getattr(self.backbone, n, None) for n in ("denoiser", "prior_denoiser", "decoder_denoiser")):
-            limit = getattr(denoiser, "schedule", {}).get("num_train_timesteps") if denoiser is not None else None
-            if limit is not None and int(settings["steps"]) > int(limit):
-                raise CompatibilityError(
-                    f"steps {settings['steps']}: more sampling steps than the {limit} timesteps the model was trained with"
-                )
+        problem = self.backbone.steps_problem(int(settings["steps"]))
+        if problem:
+            raise CompatibilityError(problem)
         return SamplerSettings(**settings)
 
     def _class_index(self, name: str) -> int:
@@ -248,10 +245,15 @@ class TextToImageModel(TaskModel):
         total = len(rows) * num
         size = total if batch_size is None else batch_size
         outs = []
-        with self.ema_weights():
-            for start in range(0, total, size):
-                part = {key: value[start:start + size] for key, value in request.items()}
-                outs.append(self.backbone.generate(min(size, total - start), settings, generator, **part).float().cpu())
+        was_training = self.training
+        self.eval()  # samples.png is drawn right after training: no method's dropout in the samples
+        try:
+            with self.ema_weights():
+                for start in range(0, total, size):
+                    part = {key: value[start:start + size] for key, value in request.items()}
+                    outs.append(self.backbone.generate(min(size, total - start), settings, generator, **part).float().cpu())
+        finally:
+            self.train(was_training)
         return torch.cat(outs), rows
 
     def _request(self, prompts: list[str] | None, classes: list[str] | None, images: Any, num: int,
