@@ -154,32 +154,36 @@ class AdapterSet:
                 f"adapter '{name}': method '{bad[0]}' cannot be switched off and on, so it cannot be one of several "
                 "adapters (lora and adapter can); in Python, this AdapterSet's model now holds it: start a new one"
             )
-        task_state = {n: t.clone() for n, t in self._base_task_state.items()}
-        if tensors:
-            modules = [m for a in self.adapters.values() for method in a.methods for m in method.added]
-            modules += [m for method in methods for m in method.added]
-            added = {id(p) for m in modules if isinstance(m, nn.Module) for p in m.parameters()}
-            own = {n: p for n, p in self.model.named_parameters() if id(p) not in added}
-            unknown = sorted(n for n in set(tensors) - set(parameters) if n not in own)
-            if unknown:
-                raise CheckpointError(f"adapter '{name}': {len(unknown)} tensors fit neither its methods nor the model (e.g. {unknown[0]})")
-            missing = sorted(set(parameters) - set(tensors))
-            if missing:
-                raise CheckpointError(f"adapter '{name}': lacks {len(missing)} tensors of its methods (e.g. {missing[0]})")
-            with torch.no_grad():
-                for key, parameter in parameters.items():
-                    if parameter.shape != tensors[key].shape:
-                        raise CheckpointError(f"adapter '{name}': {key} has shape {tuple(tensors[key].shape)}, expected {tuple(parameter.shape)}")
-                    parameter.copy_(tensors[key])
-            for key in set(tensors) - set(parameters):  # trained tensors of the model itself: swapped by use()
-                if key not in self._base_values:
-                    self._base_values[key] = own[key].detach().clone()
-                if self._base_values[key].shape != tensors[key].shape:
-                    raise CompatibilityError(
-                        f"adapter '{name}': task tensor {key} has shape {tuple(tensors[key].shape)}, this set's "
-                        f"{tuple(self._base_values[key].shape)} (adapters in one set share the task's shapes, e.g. its classes)"
-                    )
-                task_state[key] = tensors[key].clone()
+        try:
+            task_state = {n: t.clone() for n, t in self._base_task_state.items()}
+            if tensors:
+                modules = [m for a in self.adapters.values() for method in a.methods for m in method.added]
+                modules += [m for method in methods for m in method.added]
+                added = {id(p) for m in modules if isinstance(m, nn.Module) for p in m.parameters()}
+                own = {n: p for n, p in self.model.named_parameters() if id(p) not in added}
+                unknown = sorted(n for n in set(tensors) - set(parameters) if n not in own)
+                if unknown:
+                    raise CheckpointError(f"adapter '{name}': {len(unknown)} tensors fit neither its methods nor the model (e.g. {unknown[0]})")
+                missing = sorted(set(parameters) - set(tensors))
+                if missing:
+                    raise CheckpointError(f"adapter '{name}': lacks {len(missing)} tensors of its methods (e.g. {missing[0]})")
+                with torch.no_grad():
+                    for key, parameter in parameters.items():
+                        if parameter.shape != tensors[key].shape:
+                            raise CheckpointError(f"adapter '{name}': {key} has shape {tuple(tensors[key].shape)}, expected {tuple(parameter.shape)}")
+                        parameter.copy_(tensors[key])
+                for key in set(tensors) - set(parameters):  # trained tensors of the model itself: swapped by use()
+                    if key not in self._base_values:
+                        self._base_values[key] = own[key].detach().clone()
+                    if self._base_values[key].shape != tensors[key].shape:
+                        raise CompatibilityError(
+                            f"adapter '{name}': task tensor {key} has shape {tuple(tensors[key].shape)}, this set's "
+                            f"{tuple(self._base_values[key].shape)} (adapters in one set share the task's shapes, e.g. its classes)"
+                        )
+                    task_state[key] = tensors[key].clone()
+        except BaseException:
+            self._discard(methods)
+            raise
         adapter = NamedAdapter(name, params, methods, parameters, task_state, source)
         self.adapters[name] = adapter
         for method in methods:
@@ -213,6 +217,17 @@ class AdapterSet:
             for parent, child_name, child in hidden:
                 parent._modules[child_name] = child
         return methods, parameters
+
+    def _discard(self, methods: list[AppliedMethod]) -> None:
+        """Undo an :meth:`_add` that failed after applying: switch its methods off and take their
+        modules out of the model (so the next adapter's modules get the usual names)."""
+        for method in methods:
+            method.set_enabled(False)
+        ids = {id(m) for method in methods for m in method.added}
+        for parent in list(self.model.modules()):
+            for child_name, child in list(parent._modules.items()):
+                if child is not None and id(child) in ids:
+                    del parent._modules[child_name]
 
     def _sync_info(self) -> None:
         self.model.adaptkit.methods = [m for a in self.adapters.values() for m in a.methods]

@@ -152,3 +152,22 @@ def test_cli_combine_evaluates_and_writes_a_run(tmp_path, capsys):
     model = load_trained(tmp_path / "mix")
     assert model.adaptkit.spec.methods[0].rank == 3
     assert cli(["combine", str(tmp_path / "mix2"), str(a_file), str(b_file), "--weights", "1"]) == 2
+
+
+def test_a_load_that_fails_leaves_the_set_as_it_was(tmp_path):
+    from adaptkit.checkpoint import load_tensors, save_tensors
+
+    a, a_file = trained(tmp_path, LORA_A, 0, "a")
+    b, b_file = trained(tmp_path, LORA_B, 1, "b")
+    tensors, metadata = load_tensors(b_file)
+    broken = {**tensors, "backbone.net.blocks.0.mlp.fc1.lora.lora_b": torch.ones(1, 1)}  # the wrong shape
+    save_tensors(tmp_path / "broken.safetensors", broken, metadata)
+    adapters = AdapterSet.from_run(a_file, name="a")
+    adapters.model.eval()
+    with pytest.raises(CheckpointError, match="has shape"):
+        adapters.load("broken", tmp_path / "broken.safetensors")
+    assert "broken" not in adapters.adapters
+    assert torch.equal(features(adapters.model), features(a))  # nothing of the failed adapter is switched on
+    adapters.load("b", b_file)  # its modules get the usual names again, so its file's names fit
+    adapters.use("b")
+    assert torch.equal(adapters.model.logits(images()), b.logits(images()))
