@@ -171,3 +171,19 @@ def test_a_load_that_fails_leaves_the_set_as_it_was(tmp_path):
     adapters.load("b", b_file)  # its modules get the usual names again, so its file's names fit
     adapters.use("b")
     assert torch.equal(adapters.model.logits(images()), b.logits(images()))
+
+
+def test_merging_leaves_a_switched_off_lora_out_of_the_weights(tmp_path):
+    a, a_file = trained(tmp_path, LORA_A, 0, "a")
+    _, b_file = trained(tmp_path, LORA_B, 1, "b")
+    adapters = AdapterSet.from_run(a_file, name="a")
+    adapters.load("b", b_file)  # loaded, switched off
+    adapters.model.eval()
+    expected = features(a)
+    for method in adapters.model.adaptkit.methods:
+        method.merge()
+    assert torch.allclose(features(adapters.model), expected, rtol=1e-5, atol=1e-5)
+    for method in adapters.model.adaptkit.methods:
+        method.unmerge()
+    adapters.use("b")  # switched on after the round trip: its update is added once
+    assert torch.allclose(adapters.model.logits(images()), trained(tmp_path, LORA_B, 1, "b2")[0].logits(images()), rtol=1e-5, atol=1e-5)

@@ -161,7 +161,7 @@ class AppliedLora(AppliedMethod):
 
     def merge(self) -> None:
         for delta in self.deltas.values():
-            if not delta.merged:
+            if not delta.merged and delta.enabled:  # a switched-off delta adds nothing, merged or not
                 delta.merge(1.0)
         self.merged = True
 
