@@ -232,6 +232,11 @@ class AdapterSet:
     def _sync_info(self) -> None:
         self.model.adaptkit.methods = [m for a in self.adapters.values() for m in a.methods]
 
+    def _adapter(self, name: str) -> NamedAdapter:
+        if name not in self.adapters:
+            raise CompatibilityError(f"no adapter named '{name}'; loaded: {', '.join(self.adapters) or 'none'}")
+        return self.adapters[name]
+
     def _require_usable(self) -> None:
         if self._broken:
             raise CompatibilityError(f"this AdapterSet is unusable: {self._broken}; start a new one")
@@ -242,8 +247,7 @@ class AdapterSet:
         (the head) come from the first one."""
         self._require_usable()
         for name in names:
-            if name not in self.adapters:
-                raise CompatibilityError(f"no adapter named '{name}'; loaded: {', '.join(self.adapters) or 'none'}")
+            self._adapter(name)
         for adapter in self.adapters.values():
             for method in adapter.methods:
                 method.set_enabled(adapter.name in names)
@@ -269,7 +273,7 @@ class AdapterSet:
 
     def remove(self, name: str) -> None:
         """Switch an adapter off for good and forget it (its modules stay, inert, in the model)."""
-        adapter = self.adapters.pop(name)
+        adapter = self.adapters.pop(self._adapter(name).name)
         for method in adapter.methods:
             method.set_enabled(False)
         for parameter in adapter.parameters.values():
@@ -302,8 +306,7 @@ class AdapterSet:
         if not weights:
             raise CompatibilityError("combine needs at least one adapter")
         for source in weights:
-            if source not in self.adapters:
-                raise CompatibilityError(f"no adapter named '{source}'; loaded: {', '.join(self.adapters) or 'none'}")
+            self._adapter(source)
         per_layer: dict[str, dict[str, list[Any]]] = {}
         record = None
         for source in weights:
@@ -361,9 +364,7 @@ class AdapterSet:
         from adaptkit.checkpoint import FORMAT, save_tensors
         from adaptkit.spec import load_spec
 
-        if name not in self.adapters:
-            raise CompatibilityError(f"no adapter named '{name}'; loaded: {', '.join(self.adapters) or 'none'}")
-        adapter = self.adapters[name]
+        adapter = self._adapter(name)
         spec = load_spec({**self.base_spec.to_dict(), "name": name, "methods": [_plain(p) for p in adapter.params]}, registry=self.registry)
         metadata = {
             "format": FORMAT, "adaptkit_version": __version__, "spec": json.dumps(spec.to_dict()),

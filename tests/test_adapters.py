@@ -129,6 +129,8 @@ def test_what_a_set_refuses(three, tmp_path):
         adapters.load("a", tmp_path / "a.safetensors")
     with pytest.raises(CompatibilityError, match="no adapter named 'zz'"):
         adapters.use("zz")
+    with pytest.raises(CompatibilityError, match="no adapter named 'zz'"):
+        adapters.remove("zz")
     with pytest.raises(CompatibilityError, match="method 'adapter' is not a low-rank update"):
         adapters.combine("x", ["a", "c"])
     foreign = adaptkit.build(tiny_vit_spec(tmp_path, methods=LORA_A, seed=7))  # other random base weights
