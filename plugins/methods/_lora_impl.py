@@ -145,11 +145,6 @@ class LoraDelta(nn.Module):
             for i, (offset, start, size) in enumerate(self._blocks)
         ]
 
-    def remove(self) -> None:
-        """Detach the hook for good (after merging, to leave a plain layer)."""
-        self._enabled = False
-        self._sync_hook()
-
 
 class AppliedLora(AppliedMethod):
     mergeable = True
