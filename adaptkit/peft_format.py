@@ -119,7 +119,6 @@ def _trained_modules(model: nn.Module, native: NativeModel, trained: list[str]) 
     if not trained:
         return []
     ours = {v: k for k, v in _our_layers(model).items()}  # our qualified layer -> native name
-    names = [n for n, _ in native.model.named_modules()]
     found: set[str] = set()
     for name in trained:
         module, _, pname = name.rpartition(".")
@@ -130,13 +129,19 @@ def _trained_modules(model: nn.Module, native: NativeModel, trained: list[str]) 
                 "PEFT's LoRA format carries low-rank updates and whole modules (modules_to_save): merge the run "
                 "(`adaptkit merge`) instead"
             )
-        if any(n != theirs and n.endswith(f".{theirs}") for n in names):
+        if _suffix_of_another(native.model, theirs):
             raise CompatibilityError(
                 f"trained module '{theirs}' would be ambiguous in PEFT's modules_to_save (another module's name ends "
                 f"with it); merge the run (`adaptkit merge`) instead"
             )
         found.add(theirs)
     return sorted(found)
+
+
+def _suffix_of_another(native: nn.Module, name: str) -> bool:
+    """PEFT matches target_modules, modules_to_save and pattern keys as name suffixes: a text tower's
+    "transformer.resblocks.0.attn" is also the end of "visual.transformer.resblocks.0.attn"."""
+    return any(n != name and n.endswith(f".{name}") for n, _ in native.named_modules())
 
 
 def peft_state(model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor], NativeModel]:
@@ -194,10 +199,7 @@ def peft_state(model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor
             tensors[f"{PREFIX}{theirs}.{pname}"] = p.detach().clone()
     r = Counter(ranks.values()).most_common(1)[0][0]
     alpha = Counter(alphas.values()).most_common(1)[0][0]
-    # PEFT matches list entries and pattern keys as name suffixes: a text tower's
-    # "transformer.resblocks.0.attn" is also the end of "visual.transformer.resblocks.0.attn"
-    names = [n for n, _ in native.model.named_modules()]
-    ambiguous = {t for t in grouped if any(n != t and n.endswith(f".{t}") for n in names)}
+    ambiguous = {t for t in grouped if _suffix_of_another(native.model, t)}
     targets: list[str] | str = sorted(grouped)
     if ambiguous:
         targets = "(?:" + "|".join(re.escape(t) for t in sorted(grouped)) + ")"  # a string is matched whole
