@@ -189,3 +189,17 @@ def test_merging_leaves_a_switched_off_lora_out_of_the_weights(tmp_path):
         method.unmerge()
     adapters.use("b")  # switched on after the round trip: its update is added once
     assert torch.allclose(adapters.model.logits(images()), trained(tmp_path, LORA_B, 1, "b2")[0].logits(images()), rtol=1e-5, atol=1e-5)
+
+
+def test_switching_off_a_merged_lora_takes_its_update_out(tmp_path):
+    a, _ = trained(tmp_path, LORA_A, 0, "a")
+    base = adaptkit.build(tiny_vit_spec(tmp_path, methods=[])).eval()
+    expected = features(a)
+    (method,) = a.adaptkit.methods
+    method.merge()
+    method.set_enabled(False)  # the model computes what it did without the method, merged or not
+    assert torch.allclose(features(a), features(base), rtol=1e-5, atol=1e-5)
+    method.set_enabled(True)
+    assert torch.allclose(features(a), expected, rtol=1e-5, atol=1e-5)
+    method.unmerge()
+    assert torch.allclose(features(a), expected, rtol=1e-5, atol=1e-5)

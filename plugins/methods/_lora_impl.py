@@ -71,6 +71,8 @@ class LoraDelta(nn.Module):
 
     @enabled.setter
     def enabled(self, value: bool) -> None:
+        if not value and self.merged:  # switched off: its update leaves the weights too
+            self.merge(-1.0)
         self._enabled = bool(value)
         self._sync_hook()
 
