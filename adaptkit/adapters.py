@@ -154,32 +154,36 @@ class AdapterSet:
                 f"adapter '{name}': method '{bad[0]}' cannot be switched off and on, so it cannot be one of several "
                 "adapters (lora and adapter can); in Python, this AdapterSet's model now holds it: start a new one"
             )
-        task_state = {n: t.clone() for n, t in self._base_task_state.items()}
-        if tensors:
-            modules = [m for a in self.adapters.values() for method in a.methods for m in method.added]
-            modules += [m for method in methods for m in method.added]
-            added = {id(p) for m in modules if isinstance(m, nn.Module) for p in m.parameters()}
-            own = {n: p for n, p in self.model.named_parameters() if id(p) not in added}
-            unknown = sorted(n for n in set(tensors) - set(parameters) if n not in own)
-            if unknown:
-                raise CheckpointError(f"adapter '{name}': {len(unknown)} tensors fit neither its methods nor the model (e.g. {unknown[0]})")
-            missing = sorted(set(parameters) - set(tensors))
-            if missing:
-                raise CheckpointError(f"adapter '{name}': lacks {len(missing)} tensors of its methods (e.g. {missing[0]})")
-            with torch.no_grad():
-                for key, parameter in parameters.items():
-                    if parameter.shape != tensors[key].shape:
-                        raise CheckpointError(f"adapter '{name}': {key} has shape {tuple(tensors[key].shape)}, expected {tuple(parameter.shape)}")
-                    parameter.copy_(tensors[key])
-            for key in set(tensors) - set(parameters):  # trained tensors of the model itself: swapped by use()
-                if key not in self._base_values:
-                    self._base_values[key] = own[key].detach().clone()
-                if self._base_values[key].shape != tensors[key].shape:
-                    raise CompatibilityError(
-                        f"adapter '{name}': task tensor {key} has shape {tuple(tensors[key].shape)}, this set's "
-                        f"{tuple(self._base_values[key].shape)} (adapters in one set share the task's shapes, e.g. its classes)"
-                    )
-                task_state[key] = tensors[key].clone()
+        try:
+            task_state = {n: t.clone() for n, t in self._base_task_state.items()}
+            if tensors:
+                modules = [m for a in self.adapters.values() for method in a.methods for m in method.added]
+                modules += [m for method in methods for m in method.added]
+                added = {id(p) for m in modules if isinstance(m, nn.Module) for p in m.parameters()}
+                own = {n: p for n, p in self.model.named_parameters() if id(p) not in added}
+                unknown = sorted(n for n in set(tensors) - set(parameters) if n not in own)
+                if unknown:
+                    raise CheckpointError(f"adapter '{name}': {len(unknown)} tensors fit neither its methods nor the model (e.g. {unknown[0]})")
+                missing = sorted(set(parameters) - set(tensors))
+                if missing:
+                    raise CheckpointError(f"adapter '{name}': lacks {len(missing)} tensors of its methods (e.g. {missing[0]})")
+                with torch.no_grad():
+                    for key, parameter in parameters.items():
+                        if parameter.shape != tensors[key].shape:
+                            raise CheckpointError(f"adapter '{name}': {key} has shape {tuple(tensors[key].shape)}, expected {tuple(parameter.shape)}")
+                        parameter.copy_(tensors[key])
+                for key in set(tensors) - set(parameters):  # trained tensors of the model itself: swapped by use()
+                    if key not in self._base_values:
+                        self._base_values[key] = own[key].detach().clone()
+                    if self._base_values[key].shape != tensors[key].shape:
+                        raise CompatibilityError(
+                            f"adapter '{name}': task tensor {key} has shape {tuple(tensors[key].shape)}, this set's "
+                            f"{tuple(self._base_values[key].shape)} (adapters in one set share the task's shapes, e.g. its classes)"
+                        )
+                    task_state[key] = tensors[key].clone()
+        except BaseException:
+            self._discard(methods)
+            raise
         adapter = NamedAdapter(name, params, methods, parameters, task_state, source)
         self.adapters[name] = adapter
         for method in methods:
@@ -214,8 +218,24 @@ class AdapterSet:
                 parent._modules[child_name] = child
         return methods, parameters
 
+    def _discard(self, methods: list[AppliedMethod]) -> None:
+        """Undo an :meth:`_add` that failed after applying: switch its methods off and take their
+        modules out of the model (so the next adapter's modules get the usual names)."""
+        for method in methods:
+            method.set_enabled(False)
+        ids = {id(m) for method in methods for m in method.added}
+        for parent in list(self.model.modules()):
+            for child_name, child in list(parent._modules.items()):
+                if child is not None and id(child) in ids:
+                    del parent._modules[child_name]
+
     def _sync_info(self) -> None:
         self.model.adaptkit.methods = [m for a in self.adapters.values() for m in a.methods]
+
+    def _adapter(self, name: str) -> NamedAdapter:
+        if name not in self.adapters:
+            raise CompatibilityError(f"no adapter named '{name}'; loaded: {', '.join(self.adapters) or 'none'}")
+        return self.adapters[name]
 
     def _require_usable(self) -> None:
         if self._broken:
@@ -227,8 +247,7 @@ class AdapterSet:
         (the head) come from the first one."""
         self._require_usable()
         for name in names:
-            if name not in self.adapters:
-                raise CompatibilityError(f"no adapter named '{name}'; loaded: {', '.join(self.adapters) or 'none'}")
+            self._adapter(name)
         for adapter in self.adapters.values():
             for method in adapter.methods:
                 method.set_enabled(adapter.name in names)
@@ -254,7 +273,7 @@ class AdapterSet:
 
     def remove(self, name: str) -> None:
         """Switch an adapter off for good and forget it (its modules stay, inert, in the model)."""
-        adapter = self.adapters.pop(name)
+        adapter = self.adapters.pop(self._adapter(name).name)
         for method in adapter.methods:
             method.set_enabled(False)
         for parameter in adapter.parameters.values():
@@ -287,8 +306,7 @@ class AdapterSet:
         if not weights:
             raise CompatibilityError("combine needs at least one adapter")
         for source in weights:
-            if source not in self.adapters:
-                raise CompatibilityError(f"no adapter named '{source}'; loaded: {', '.join(self.adapters) or 'none'}")
+            self._adapter(source)
         per_layer: dict[str, dict[str, list[Any]]] = {}
         record = None
         for source in weights:
@@ -346,9 +364,7 @@ class AdapterSet:
         from adaptkit.checkpoint import FORMAT, save_tensors
         from adaptkit.spec import load_spec
 
-        if name not in self.adapters:
-            raise CompatibilityError(f"no adapter named '{name}'; loaded: {', '.join(self.adapters) or 'none'}")
-        adapter = self.adapters[name]
+        adapter = self._adapter(name)
         spec = load_spec({**self.base_spec.to_dict(), "name": name, "methods": [_plain(p) for p in adapter.params]}, registry=self.registry)
         metadata = {
             "format": FORMAT, "adaptkit_version": __version__, "spec": json.dumps(spec.to_dict()),

@@ -138,6 +138,9 @@ def merge_to_native(model: nn.Module, directory: str | Path | None = None) -> Na
                 "(lora, full) make a plain model"
             )
     check_native_reach(model)
+    added = added_tensor_ids(model)
+    # unmerging subtracts what merging added, which rounds (W + d - d != W): the weights are put back as they were
+    saved = [(t, t.detach().clone()) for t in model.state_dict(keep_vars=True).values() if id(t) not in added]
     merged = []
     try:
         for method in methods:
@@ -148,6 +151,9 @@ def merge_to_native(model: nn.Module, directory: str | Path | None = None) -> Na
     finally:
         for method in reversed(merged):
             method.unmerge()
+        with torch.no_grad():
+            for tensor, value in saved:
+                tensor.copy_(value)
     if directory is not None:
         save_native(model, result, directory)
     return result

@@ -28,6 +28,7 @@ whole-layer LoRA with per-layer ranks and alphas, and an adapter holding its ten
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import Counter
 from pathlib import Path
@@ -118,7 +119,6 @@ def _trained_modules(model: nn.Module, native: NativeModel, trained: list[str]) 
     if not trained:
         return []
     ours = {v: k for k, v in _our_layers(model).items()}  # our qualified layer -> native name
-    names = [n for n, _ in native.model.named_modules()]
     found: set[str] = set()
     for name in trained:
         module, _, pname = name.rpartition(".")
@@ -129,13 +129,19 @@ def _trained_modules(model: nn.Module, native: NativeModel, trained: list[str]) 
                 "PEFT's LoRA format carries low-rank updates and whole modules (modules_to_save): merge the run "
                 "(`adaptkit merge`) instead"
             )
-        if any(n != theirs and n.endswith(f".{theirs}") for n in names):
+        if _suffix_of_another(native.model, theirs):
             raise CompatibilityError(
                 f"trained module '{theirs}' would be ambiguous in PEFT's modules_to_save (another module's name ends "
                 f"with it); merge the run (`adaptkit merge`) instead"
             )
         found.add(theirs)
     return sorted(found)
+
+
+def _suffix_of_another(native: nn.Module, name: str) -> bool:
+    """PEFT matches target_modules, modules_to_save and pattern keys as name suffixes: a text tower's
+    "transformer.resblocks.0.attn" is also the end of "visual.transformer.resblocks.0.attn"."""
+    return any(n != name and n.endswith(f".{name}") for n, _ in native.named_modules())
 
 
 def peft_state(model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor], NativeModel]:
@@ -193,10 +199,7 @@ def peft_state(model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor
             tensors[f"{PREFIX}{theirs}.{pname}"] = p.detach().clone()
     r = Counter(ranks.values()).most_common(1)[0][0]
     alpha = Counter(alphas.values()).most_common(1)[0][0]
-    # PEFT matches list entries and pattern keys as name suffixes: a text tower's
-    # "transformer.resblocks.0.attn" is also the end of "visual.transformer.resblocks.0.attn"
-    names = [n for n, _ in native.model.named_modules()]
-    ambiguous = {t for t in grouped if any(n != t and n.endswith(f".{t}") for n in names)}
+    ambiguous = {t for t in grouped if _suffix_of_another(native.model, t)}
     targets: list[str] | str = sorted(grouped)
     if ambiguous:
         targets = "(?:" + "|".join(re.escape(t) for t in sorted(grouped)) + ")"  # a string is matched whole
@@ -314,6 +317,7 @@ def read_peft_dir(directory: str | Path) -> tuple[dict[str, Any], dict[str, torc
     for key, fine in _UNSUPPORTED.items():
         if config.get(key, fine[0]) not in fine:
             raise CompatibilityError(f"{config_path}: {key}={config[key]!r} is not supported by adaptkit's LoRA (only {fine[0]!r})")
+    _check_config(config, config_path)
     weights = directory / WEIGHTS_FILE
     if weights.is_file():
         tensors = load_tensors(weights)[0]
@@ -330,6 +334,32 @@ def read_peft_dir(directory: str | Path) -> tuple[dict[str, Any], dict[str, torc
             raise CheckpointError(f"{weights}: key '{key}' does not start with '{PREFIX}'; is it a PEFT adapter of a plain model?")
         stripped[key[len(PREFIX):]] = value
     return config, stripped
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def _check_config(config: dict[str, Any], where: Path) -> None:
+    """Refuse config values import reads that PEFT itself would not have written."""
+    if "lora_alpha" in config and not _positive(config["lora_alpha"]):
+        raise CheckpointError(f"{where}: lora_alpha must be a positive number, got {config['lora_alpha']!r}")
+    dropout = config.get("lora_dropout") or 0.0
+    if not (dropout == 0.0 or _positive(dropout) and dropout < 1):
+        raise CheckpointError(f"{where}: lora_dropout must be a number in [0, 1), got {dropout!r}")
+    patterns = config.get("alpha_pattern") or {}
+    if not isinstance(patterns, dict):
+        raise CheckpointError(f"{where}: alpha_pattern must be an object {{regex: alpha}}, got {patterns!r}")
+    for key, value in patterns.items():
+        try:
+            re.compile(key)
+        except re.error as exc:
+            raise CheckpointError(f"{where}: alpha_pattern key '{key}' is not a valid regular expression ({exc})") from None
+        if not _positive(value):
+            raise CheckpointError(f"{where}: alpha_pattern '{key}' must be a positive number, got {value!r}")
+    saved = config.get("modules_to_save")
+    if saved is not None and not (isinstance(saved, list) and all(isinstance(m, str) for m in saved)):
+        raise CheckpointError(f"{where}: modules_to_save must be a list of module names, got {saved!r}")
 
 
 def _pattern_value(patterns: dict[str, Any], name: str, default: Any) -> Any:
@@ -412,6 +442,11 @@ def import_peft(directory: str | Path, base_spec: Any = None, registry: Any = No
             )
         layer = by_native[native_name]
         a, b = pair["A"], pair["B"]
+        if a.ndim not in (2, 4) or b.ndim not in (2, 4) or a.shape[0] == 0:
+            raise CheckpointError(
+                f"PEFT module '{module}': lora_A has shape {tuple(a.shape)} and lora_B {tuple(b.shape)}; "
+                "a LoRA's factors are (r, in[, kh, kw]) and (out, r[, 1, 1])"
+            )
         rank = int(a.shape[0])
         if b.ndim == 4:
             b = b.flatten(1)
@@ -525,7 +560,9 @@ def _load_task_modules(model: nn.Module, native: NativeModel, saved: dict[str, t
                     f"(the task places {sorted(native.task_modules.values()) or 'no modules'} in the plain model, "
                     "and it is no adaptable layer of the backbone)"
                 )
-            target = own[f"{theirs_to_ours[module]}.{pname}"]
+            target = own.get(f"{theirs_to_ours[module]}.{pname}")
+            if target is None:
+                raise CheckpointError(f"PEFT tensor '{key}': the task's {theirs_to_ours[module]} has no parameter '{pname}'")
             if target.shape != tensor.shape:
                 raise CheckpointError(
                     f"PEFT tensor '{key}' has shape {tuple(tensor.shape)}; the task's {theirs_to_ours[module]}.{pname} has "

@@ -129,6 +129,8 @@ def test_what_a_set_refuses(three, tmp_path):
         adapters.load("a", tmp_path / "a.safetensors")
     with pytest.raises(CompatibilityError, match="no adapter named 'zz'"):
         adapters.use("zz")
+    with pytest.raises(CompatibilityError, match="no adapter named 'zz'"):
+        adapters.remove("zz")
     with pytest.raises(CompatibilityError, match="method 'adapter' is not a low-rank update"):
         adapters.combine("x", ["a", "c"])
     foreign = adaptkit.build(tiny_vit_spec(tmp_path, methods=LORA_A, seed=7))  # other random base weights
@@ -152,3 +154,52 @@ def test_cli_combine_evaluates_and_writes_a_run(tmp_path, capsys):
     model = load_trained(tmp_path / "mix")
     assert model.adaptkit.spec.methods[0].rank == 3
     assert cli(["combine", str(tmp_path / "mix2"), str(a_file), str(b_file), "--weights", "1"]) == 2
+
+
+def test_a_load_that_fails_leaves_the_set_as_it_was(tmp_path):
+    from adaptkit.checkpoint import load_tensors, save_tensors
+
+    a, a_file = trained(tmp_path, LORA_A, 0, "a")
+    b, b_file = trained(tmp_path, LORA_B, 1, "b")
+    tensors, metadata = load_tensors(b_file)
+    broken = {**tensors, "backbone.net.blocks.0.mlp.fc1.lora.lora_b": torch.ones(1, 1)}  # the wrong shape
+    save_tensors(tmp_path / "broken.safetensors", broken, metadata)
+    adapters = AdapterSet.from_run(a_file, name="a")
+    adapters.model.eval()
+    with pytest.raises(CheckpointError, match="has shape"):
+        adapters.load("broken", tmp_path / "broken.safetensors")
+    assert "broken" not in adapters.adapters
+    assert torch.equal(features(adapters.model), features(a))  # nothing of the failed adapter is switched on
+    adapters.load("b", b_file)  # its modules get the usual names again, so its file's names fit
+    adapters.use("b")
+    assert torch.equal(adapters.model.logits(images()), b.logits(images()))
+
+
+def test_merging_leaves_a_switched_off_lora_out_of_the_weights(tmp_path):
+    a, a_file = trained(tmp_path, LORA_A, 0, "a")
+    _, b_file = trained(tmp_path, LORA_B, 1, "b")
+    adapters = AdapterSet.from_run(a_file, name="a")
+    adapters.load("b", b_file)  # loaded, switched off
+    adapters.model.eval()
+    expected = features(a)
+    for method in adapters.model.adaptkit.methods:
+        method.merge()
+    assert torch.allclose(features(adapters.model), expected, rtol=1e-5, atol=1e-5)
+    for method in adapters.model.adaptkit.methods:
+        method.unmerge()
+    adapters.use("b")  # switched on after the round trip: its update is added once
+    assert torch.allclose(adapters.model.logits(images()), trained(tmp_path, LORA_B, 1, "b2")[0].logits(images()), rtol=1e-5, atol=1e-5)
+
+
+def test_switching_off_a_merged_lora_takes_its_update_out(tmp_path):
+    a, _ = trained(tmp_path, LORA_A, 0, "a")
+    base = adaptkit.build(tiny_vit_spec(tmp_path, methods=[])).eval()
+    expected = features(a)
+    (method,) = a.adaptkit.methods
+    method.merge()
+    method.set_enabled(False)  # the model computes what it did without the method, merged or not
+    assert torch.allclose(features(a), features(base), rtol=1e-5, atol=1e-5)
+    method.set_enabled(True)
+    assert torch.allclose(features(a), expected, rtol=1e-5, atol=1e-5)
+    method.unmerge()
+    assert torch.allclose(features(a), expected, rtol=1e-5, atol=1e-5)

@@ -164,3 +164,44 @@ def test_a_failure_while_writing_leaves_the_output_as_it_was(runs, tmp_path, cap
     user_error(capsys, ["export", runs["b"], out, "--overwrite"], "simulated failure")
     assert digest(out) == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # the staging folder is gone
+
+
+def test_import_refuses_malformed_config_values_and_factors(runs, tmp_path, capsys):
+    import torch
+
+    from adaptkit.checkpoint import load_tensors, save_tensors
+
+    assert main(["export", str(runs["a"]), str(tmp_path / "peft")]) == 0
+    capsys.readouterr()
+
+    def with_config(name, **changes):
+        def change(folder):
+            config = json.loads((folder / "adapter_config.json").read_text())
+            (folder / "adapter_config.json").write_text(json.dumps({**config, **changes}))
+        return altered_copy(tmp_path / "peft", tmp_path / name, change)
+
+    def flat_factor(folder):
+        path = folder / "adapter_model.safetensors"
+        tensors, metadata = load_tensors(path)
+        key = next(k for k in sorted(tensors) if k.endswith("lora_A.weight"))
+        save_tensors(path, {**tensors, key: tensors[key].flatten()}, metadata)
+
+    def stray_head_tensor(folder):
+        path = folder / "adapter_model.safetensors"
+        tensors, metadata = load_tensors(path)
+        save_tensors(path, {**tensors, "base_model.model.head.scale": torch.ones(3)}, metadata)
+
+    cases = [
+        (with_config("alpha_text", lora_alpha="eight"), "lora_alpha"),
+        (with_config("alpha_zero", lora_alpha=0), "lora_alpha"),
+        (with_config("dropout", lora_dropout=1.5), "lora_dropout"),
+        (with_config("pattern_list", alpha_pattern=[1]), "alpha_pattern"),
+        (with_config("pattern_regex", alpha_pattern={"blocks.(": 2}), "alpha_pattern"),
+        (with_config("pattern_zero", alpha_pattern={"qkv": 0}), "alpha_pattern"),
+        (with_config("save_text", modules_to_save="head"), "modules_to_save"),
+        (altered_copy(tmp_path / "peft", tmp_path / "flat", flat_factor), "lora_A"),
+        (altered_copy(tmp_path / "peft", tmp_path / "stray", stray_head_tensor), "head.scale"),
+    ]
+    for source, fragment in cases:
+        user_error(capsys, ["import", source, tmp_path / "imported"], fragment)
+    assert not (tmp_path / "imported").exists()

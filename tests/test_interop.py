@@ -299,3 +299,12 @@ def test_lora_on_a_strided_dilated_reflect_padded_conv_equals_its_merge():
     unmerged = conv(x)
     delta.merge(1.0)
     torch.testing.assert_close(conv(x), unmerged, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_to_native_leaves_the_model_exactly_as_it_was(tmp_path):
+    model = randomised(adaptkit.build(spec_for(tmp_path, "vit", STACKED)))
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    for _ in range(2):
+        merge_to_native(model)
+    assert all(torch.equal(t, before[n]) for n, t in model.state_dict().items())  # not W + d - d, which rounds
+    assert not any(m.merged for m in model.adaptkit.methods)

@@ -216,3 +216,16 @@ def test_stylegan2_lora_merges_into_a_rosinality_layout_generator_file(tmp_path)
     close(StyleGan2Backbone(plain, model.backbone.config).generate(z), ours)
     with pytest.raises(CompatibilityError, match="backbone 'stylegan2' cannot export to PEFT: .*adaptkit merge"):
         export_peft(model, tmp_path / "peft")
+
+
+def test_cli_import_of_an_adapter_with_trained_backbone_modules(tmp_path, capsys):
+    # modules_to_save beside the LoRA (the class embedding) import as a second method
+    model = randomised(adaptkit.build(spec(tmp_path, CLASS, [UNET_LORA, {"name": "full", "targets": ["class_embed"]}])))
+    args, kwargs, ours = class_inputs(model)
+    export_peft(model, tmp_path / "peft")
+    assert cli(["import", str(tmp_path / "peft"), str(tmp_path / "imported")]) == 0
+    assert "imported " in capsys.readouterr().out
+    back = load_trained(tmp_path / "imported")
+    assert [m.name for m in back.adaptkit.spec.methods] == ["lora", "full"]
+    with torch.no_grad():
+        close(back.backbone.predict_noise(args[0], args[1], {"labels": kwargs["class_labels"]}), ours)

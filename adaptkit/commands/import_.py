@@ -43,7 +43,7 @@ def main(args: argparse.Namespace) -> int:
     with staged_output(args.out, "OUT", args.overwrite, sources=sources) as staging:
         files = save_run(model, staging, "imported", {"source": str(args.peft_dir)})
     out = Path(args.out)
-    (method,) = model.adaptkit.methods
-    print(f"imported {args.peft_dir}: {method.summary}")
+    # the LoRA, and a second method when modules_to_save holds whole backbone modules (a class embedding)
+    print(f"imported {args.peft_dir}: {'; '.join(m.summary for m in model.adaptkit.methods)}")
     print(f"wrote {out}/: {', '.join(files)}")
     return 0

@@ -71,6 +71,8 @@ class LoraDelta(nn.Module):
 
     @enabled.setter
     def enabled(self, value: bool) -> None:
+        if not value and self.merged:  # switched off: its update leaves the weights too
+            self.merge(-1.0)
         self._enabled = bool(value)
         self._sync_hook()
 
@@ -145,11 +147,6 @@ class LoraDelta(nn.Module):
             for i, (offset, start, size) in enumerate(self._blocks)
         ]
 
-    def remove(self) -> None:
-        """Detach the hook for good (after merging, to leave a plain layer)."""
-        self._enabled = False
-        self._sync_hook()
-
 
 class AppliedLora(AppliedMethod):
     mergeable = True
@@ -161,7 +158,7 @@ class AppliedLora(AppliedMethod):
 
     def merge(self) -> None:
         for delta in self.deltas.values():
-            if not delta.merged:
+            if not delta.merged and delta.enabled:  # a switched-off delta adds nothing, merged or not
                 delta.merge(1.0)
         self.merged = True
 
