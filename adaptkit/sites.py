@@ -27,6 +27,16 @@ def index_layers(root: nn.Module, prefix: str = "") -> dict[str, nn.Module]:
     }
 
 
+def prepend_kv(k: torch.Tensor, v: torch.Tensor, extra: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Put an attention site's extra keys/values (``site.extra_kv(batch)``) before ``k`` and ``v``.
+
+    All are (batch, heads, tokens, head_dim); the extra ones take the dtype of ``k`` / ``v``.
+    The caller pads its mask or bias by ``extra[0].shape[2]`` columns on the left.
+    """
+    pk, pv = extra
+    return torch.cat([pk.to(k.dtype), k], dim=2), torch.cat([pv.to(v.dtype), v], dim=2)
+
+
 def gated_attention(site: AttentionSite, q: torch.Tensor, dropout_p: float = 0.0, scale: float | None = None) -> torch.Tensor | None:
     """The sum of ``gate * softmax(q k^T) v`` over the site's gated providers, or None.
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adaptkit.errors import PluginError
-from adaptkit.sites import gated_attention
+from adaptkit.sites import gated_attention, prepend_kv
 
 _OWN = re.compile(r"(^|\.)in_proj\.(weight|bias)$")
 _NATIVE = re.compile(r"(^|\.)in_proj_(weight|bias)$")
@@ -112,11 +112,9 @@ class ClipAttention(nn.Module):
         mask = self._mask(attn_mask, key_padding_mask, B, q.dtype)
         extra = self.kv_site.extra_kv(B) if self.kv_site is not None else None
         if extra is not None:
-            pk, pv = extra
-            k = torch.cat([pk.to(k.dtype), k], dim=2)
-            v = torch.cat([pv.to(v.dtype), v], dim=2)
+            k, v = prepend_kv(k, v, extra)
             if mask is not None:  # every query may attend to the extra keys
-                mask = torch.cat([mask.new_zeros((*mask.shape[:-1], pk.shape[2])), mask], dim=-1)
+                mask = torch.cat([mask.new_zeros((*mask.shape[:-1], extra[0].shape[2])), mask], dim=-1)
         dropout = self.dropout if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         if self.kv_site is not None and self.kv_site.gated:  # gated prefixes: a softmax of their own, times the gate

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adaptkit.backbone import Backbone
-from adaptkit.sites import gated_attention, index_layers
+from adaptkit.sites import gated_attention, index_layers, prepend_kv
 from adaptkit.surface import AttentionSite, BlockSite, LayerSite, Surface, Tower
 from adaptkit_plugins.backbones import _timm_common
 
@@ -100,10 +100,8 @@ def _install_window_attention(site: AttentionSite) -> None:
             window = mask.to(position.dtype).view(1, num_win, 1, N, N).expand(B_ // num_win, -1, -1, -1, -1).reshape(B_, 1, N, N)
         extra = site.extra_kv(B_)
         if extra is not None:
-            pk, pv = extra
-            prefix_len = pk.shape[2]
-            k = torch.cat([pk.to(k.dtype), k], dim=2)
-            v = torch.cat([pv.to(v.dtype), v], dim=2)
+            prefix_len = extra[0].shape[2]
+            k, v = prepend_kv(k, v, extra)
             # extra keys have no position and belong to every window: zero bias, never masked
             position = F.pad(position, (prefix_len, 0))
             if window is not None:

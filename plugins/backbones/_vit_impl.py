@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adaptkit.backbone import Backbone
-from adaptkit.sites import SequenceTokenSite, gated_attention, index_layers
+from adaptkit.sites import SequenceTokenSite, gated_attention, index_layers, prepend_kv
 from adaptkit.surface import AttentionSite, BlockSite, LayerSite, Surface, Tower
 from adaptkit_plugins.backbones import _timm_common
 
@@ -90,10 +90,8 @@ def _install_attention(site: AttentionSite) -> None:
         q, k = attn.q_norm(q), attn.k_norm(k)
         extra = site.extra_kv(B)
         if extra is not None:
-            pk, pv = extra
-            prefix_len = pk.shape[2]
-            k = torch.cat([pk.to(k.dtype), k], dim=2)
-            v = torch.cat([pv.to(v.dtype), v], dim=2)
+            prefix_len = extra[0].shape[2]
+            k, v = prepend_kv(k, v, extra)
             if is_causal:
                 causal = torch.ones(N, N, dtype=torch.bool, device=x.device).tril()
                 attn_mask = causal if attn_mask is None else attn_mask & causal
