@@ -91,6 +91,7 @@ def run(spec: RunSpec | dict[str, Any] | str | Path, overrides: list[str] | None
     from adaptkit import __version__
     from adaptkit.builder import build, count_parameters, recommended
     from adaptkit.checkpoint import save_adapter
+    from adaptkit.data import InputConfig, LoaderOptions
     from adaptkit.distributed import barrier, init_distributed, resolve_device
     from adaptkit.plots import plot_curves
     from adaptkit.registry import registry as default_registry
@@ -114,12 +115,16 @@ def run(spec: RunSpec | dict[str, Any] | str | Path, overrides: list[str] | None
     # build before marking the directory as a run: a spec that cannot build (missing weights,
     # bad data) leaves no half-started run behind that a second try would have to --overwrite
     model = build(spec, registry=reg, keep_data=True)
+    data = model.adaptkit.data
+    preprocess = data.info.extra.get("preprocess")
     if dist.main:
         (out / "spec.yaml").write_text(spec.to_yaml())
         _write_json(out / RUN_FILE, {"name": spec.name, "spec_fingerprint": spec.fingerprint(), "status": "running",
-                                     "adaptkit_version": __version__, "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
-    data = model.adaptkit.data
+                                     "adaptkit_version": __version__, "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                     **({"preprocess": preprocess} if preprocess else {}),
+                                     **({"augment": data.info.extra["augment"]} if "augment" in data.info.extra else {})})
     trainable, total = count_parameters(model)
+    loader = LoaderOptions.of(spec.data, device)
     lr = recommended(spec, reg, "lr", 1e-3)
     weight_decay = recommended(spec, reg, "weight_decay", 0.0 if spec.methods else 0.01)
     say(
@@ -128,14 +133,21 @@ def run(spec: RunSpec | dict[str, Any] | str | Path, overrides: list[str] | None
         f" | lr {lr:g} wd {weight_decay:g} | device {device}{f' x{dist.world}' if dist.enabled else ''} | {out}"
     )
 
+    if preprocess:
+        say(f"data: {len(data.train) if data.train is not None else 0:,} training samples | preprocess {InputConfig(**preprocess).describe()}"
+            f" | augment {data.info.extra.get('augment', 'none')} | workers {loader.workers}")
+
     history: list[dict[str, Any]] = []
     train_seconds = 0.0
     resumed_from = 0
+    skipped: dict[str, int] = {}
+    trainer = None
     if trainable:
         trainer = Trainer(model, data, spec.train, seed=spec.seed, lr=lr, weight_decay=weight_decay, output_dir=out,
-                          device=device, dist=dist, spec_fingerprint=spec.fingerprint(), log=say)
+                          device=device, dist=dist, spec_fingerprint=spec.fingerprint(), log=say, loader=loader)
         fitted = trainer.fit()
         history, train_seconds, resumed_from = fitted.history, fitted.seconds, fitted.resumed_from
+        skipped["train"] = fitted.skipped
     else:
         say("nothing to train (no method adds or unfreezes parameters): evaluating only")
         model.to(device)
@@ -145,7 +157,9 @@ def run(spec: RunSpec | dict[str, Any] | str | Path, overrides: list[str] | None
     for split in ("val", "test"):
         dataset = getattr(data, split)
         if dataset is not None and len(dataset):
-            final[split] = evaluate(model, dataset, eval_bs, device)
+            kept = trainer.eval_loader(split) if trainer is not None else None
+            final[split] = evaluate(model, dataset, eval_bs, device, options=loader, loader=kept)
+            skipped[split] = int(final[split].pop("skipped", 0)) if isinstance(final[split], dict) else 0
     files: list[str] = []
     if dist.main:
         save_adapter(model, out / "adapter.safetensors")
@@ -162,6 +176,7 @@ def run(spec: RunSpec | dict[str, Any] | str | Path, overrides: list[str] | None
             "train_seconds": round(train_seconds, 2),
             "resumed_from_step": resumed_from,
             "adapter_bytes": (out / "adapter.safetensors").stat().st_size,
+            "data_skipped": skipped,
         }
         _write_json(out / "metrics.json", summary)
         files.append("metrics.json")
