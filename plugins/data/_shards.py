@@ -7,6 +7,8 @@ per sample the byte offset and size of its image (and caption) member, and its l
 A sample is then one seek and read in whichever process needs it, so the trainer's plan
 (per-sample shuffling, DDP sharding, mid-epoch resume) applies to shards exactly as to
 image files. The index costs about 50 bytes per sample; nothing is written to disk.
+Python's tarfile parses some 10k member headers a second, so a run with many shards
+indexes them in a pool of processes.
 """
 
 from __future__ import annotations
@@ -131,16 +133,34 @@ class ShardIndex:
 
 
 _INDEXES: dict[tuple[Any, ...], ShardIndex] = {}
+#: processes that index shards at the start of a run (tarfile parses headers in Python: ~10k members/s per core)
+MAX_INDEXERS = 16
 
 
-def index_shard(path: str, layout: Layout) -> ShardIndex:
-    """The index of one shard, built on first use and kept in memory for this process
-    (keyed by the file's path, size and modification time)."""
+def _cache_key(path: str, layout: Layout) -> tuple[Any, ...]:
     stat = os.stat(path)
-    key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns, layout)
-    if key not in _INDEXES:
-        _INDEXES[key] = _walk(path, layout)
-    return _INDEXES[key]
+    return (os.path.realpath(path), stat.st_size, stat.st_mtime_ns, layout)
+
+
+def index_shards(paths: Sequence[str], layout: Layout) -> list[ShardIndex]:
+    """The index of each shard, built on first use and kept in memory for this process
+    (keyed by the file's path, size and modification time); several shards are indexed
+    by a pool of processes."""
+    keys = [_cache_key(path, layout) for path in paths]
+    todo = list(dict.fromkeys(path for path, key in zip(paths, keys) if key not in _INDEXES))
+    processes = min(len(todo), os.cpu_count() or 1, MAX_INDEXERS)
+    if processes > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        methods = multiprocessing.get_all_start_methods()
+        context = multiprocessing.get_context("fork" if "fork" in methods else None)
+        with ProcessPoolExecutor(processes, mp_context=context) as pool:
+            built = list(pool.map(_walk, todo, [layout] * len(todo)))
+    else:
+        built = [_walk(path, layout) for path in todo]
+    _INDEXES.update({_cache_key(path, layout): index for path, index in zip(todo, built)})
+    return [_INDEXES[key] for key in keys]
 
 
 def _walk(path: str, layout: Layout) -> ShardIndex:
@@ -261,7 +281,7 @@ class ShardReader(SampleReader):
 
 def read_shards(paths: list[str], layout: Layout) -> ShardReader:
     """Index ``paths`` (each once per process) into one reader."""
-    indexes = [index_shard(path, layout) for path in paths]
+    indexes = index_shards(paths, layout)
     shard = np.concatenate([np.full(len(index), number, dtype=np.int32) for number, index in enumerate(indexes)])
     columns = (np.concatenate([getattr(index, f) for index in indexes]) for f in ShardIndex.__dataclass_fields__)
     return ShardReader(paths, shard, ShardIndex(*columns))
