@@ -74,12 +74,13 @@ def make_shards(folder: Path, shards: Path, per_shard: int = 1000) -> str:
 
 def subset_folder(source: Path, target: Path, count: int) -> Path:
     """A folder with the first ``count`` images of ``source`` (hard links)."""
-    if target.exists():
+    if target.exists() and len(list(target.glob("*/*.jpg"))) == count:
         return target
-    files = sorted(source.glob("*/*.jpg"))[:count]
+    files = sorted(source.glob("*/*.jpg"), key=lambda p: p.name)[:count]  # names are global indices: every class
     for path in files:
         (target / path.parent.name).mkdir(parents=True, exist_ok=True)
-        os.link(path, target / path.parent.name / path.name)
+        if not (target / path.parent.name / path.name).exists():
+            os.link(path, target / path.parent.name / path.name)
     return target
 
 
