@@ -21,7 +21,7 @@ from adaptkit.checkpoint import load_tensors
 from adaptkit.data import SKIPPED, BatchDataset, LoaderOptions, PlannedLoader, SequentialPlan
 from adaptkit.errors import DataError
 from adaptkit.train import Trainer
-from tests.cli_helpers import free_port
+from tests.cli_helpers import torchrun
 
 quiet = dict(log=lambda *_: None)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -221,13 +221,7 @@ def test_two_processes_with_workers_match_one(tmp_path):
     adaptkit.run(single, **quiet)
     ddp = json.loads(json.dumps(single))
     ddp["output"]["dir"] = str(tmp_path / "ddp")
-    path = tmp_path / "ddp.yaml"
-    path.write_text(yaml.safe_dump(ddp))
-    done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-         "-m", "adaptkit.cli", "run", str(path)],
-        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300,
-    )
+    done = torchrun(tmp_path, ddp)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     for key, value in adapter(tmp_path / "single").items():
         torch.testing.assert_close(adapter(tmp_path / "ddp")[key], value, rtol=1e-4, atol=1e-5)
