@@ -4,7 +4,7 @@ loader that feeds the trainer (imports torch).
 The contract: a data source returns a :class:`DataBundle` whose splits are
 :class:`BatchDataset` objects, ``batch(indices, seeds) -> dict``. The trainer decides
 which sample indices form every (micro-)batch, from the run's seed, the epoch and the
-step alone, and a :func:`planned_loader` asks worker processes for those batches. So a
+step alone, and a :class:`PlannedLoader` asks worker processes for those batches. So a
 run reads the same samples, with the same per-sample augmentation, however many workers
 or processes it has, and a resumed run continues at the same sample.
 """
@@ -97,11 +97,6 @@ class DataBundle:
     augment_dims: int = 0
 
 
-def iterate(dataset: BatchDataset, batch_size: int, options: "LoaderOptions | None" = None) -> Iterator[dict[str, Any]]:
-    """Batches of ``dataset`` in order (for evaluation), read by ``options.workers`` workers."""
-    yield from PlannedLoader(dataset, SequentialPlan(len(dataset), batch_size), options or LoaderOptions())
-
-
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
@@ -144,10 +139,6 @@ class InputConfig:
             return self
         if "size" in changes and isinstance(changes["size"], int):
             changes["size"] = (changes["size"], changes["size"])
-        channels = changes.get("channels", self.channels)
-        changes.setdefault("mean", self.mean)
-        changes.setdefault("std", self.std)
-        changes["mean"], changes["std"] = _per_channel(changes["mean"], channels), _per_channel(changes["std"], channels)
         overridden = sorted(k for k in fields if fields[k] is not None and k != "source")
         source = changes.pop("source", self.source) + (f"; set in the spec: {', '.join(overridden)}" if overridden else "")
         return InputConfig(**{**self.as_dict(), **changes, "source": source})

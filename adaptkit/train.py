@@ -94,9 +94,6 @@ class TrainPlan:
         for _, _, micros in self.steps():
             yield from micros
 
-    def __len__(self) -> int:
-        return sum(len(micros) for _, _, micros in self.steps())
-
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
     """Multiplier of the peak learning rate at optimizer step ``step`` (0-based)."""
@@ -156,7 +153,6 @@ class Trainer:
         self.fsdp = False  # set by fit: train.strategy fsdp under torchrun
         self.loader_options = loader or LoaderOptions()
         self._eval_loaders: dict[str, PlannedLoader] = {}
-        self.skipped = 0  # this process's skipped training samples
 
     # ----------------------------------------------------------------- setup
     def _optimizer(self) -> torch.optim.Optimizer:

@@ -12,7 +12,7 @@ peers read the same files with the same transform, in the same process, alternat
 from __future__ import annotations
 
 import argparse
-import json
+import io
 import os
 import statistics
 import subprocess
@@ -65,8 +65,6 @@ def make_shards(folder: Path, shards: Path, per_shard: int = 1000) -> str:
                 label = path.parent.name.encode()
                 info = tarfile.TarInfo(f"{key}.cls")
                 info.size = len(label)
-                import io
-
                 tar.addfile(info, io.BytesIO(label))
     (shards / f".complete-{len(files)}").touch()
     return pattern
@@ -103,8 +101,6 @@ def timed_run(spec: dict, work: Path) -> dict:
     training process and of its whole process tree (workers included)."""
     import psutil
 
-    path = work / "spec.json"
-    path.write_text(json.dumps(spec))
     yaml_path = work / "spec.yaml"
     import yaml
 
@@ -163,7 +159,6 @@ def throughput(make_iter, batches: int, batch_size: int) -> float:
 
 
 def loaders(folder: Path, pattern: str | None, batches: int, batch_size: int, rounds: int) -> list[tuple[str, float, float]]:
-    import timm
     import torch
     from timm.data import create_dataset, create_loader, resolve_data_config
 
@@ -248,7 +243,7 @@ def main() -> None:
         ratio = runs[args.images]["peak_rss_mb"] / runs[args.small]["peak_rss_mb"]
         print(f"\npeak RSS {args.images:,} / {args.small:,} images: {ratio:.3f} (goal: within 1.10)")
 
-    print(f"\n| data | ours, images/s | peer, images/s | ours / peer | peer |")
+    print("\n| data | ours, images/s | peer, images/s | ours / peer | peer |")
     print("|---|---|---|---|---|")
     for name, mine, theirs, peer in loaders(big, pattern, args.batches, 64, args.rounds):
         print(f"| {name} | {mine:.0f} | {theirs:.0f} | {mine / theirs:.2f} | {peer} |")

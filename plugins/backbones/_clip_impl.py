@@ -221,7 +221,8 @@ class ClipBackbone(ClipNative, Backbone):
         this backbone applies the checkpoint's own mean/std inside :meth:`normalise_images`."""
         from adaptkit.data import InputConfig
 
-        cfg = getattr(self, "native_args", {}).get("preprocess_cfg", {})
+        native = getattr(self, "native_args", {})
+        cfg = native.get("preprocess_cfg", {})
         numbers = lambda v: "(" + ", ".join(f"{x:.4g}" for x in v) + ")"  # noqa: E731
         mean, std = cfg.get("mean", (0.5,) * 3), cfg.get("std", (0.5,) * 3)
         inside = "" if self.identity_normalisation else f"; the model applies mean {numbers(mean)} std {numbers(std)} itself"
@@ -230,7 +231,7 @@ class ClipBackbone(ClipNative, Backbone):
         return InputConfig(
             size=(int(self.image_size[0]), int(self.image_size[1])), channels=self.in_chans,
             interpolation=str(cfg.get("interpolation") or "bicubic"), crop_pct=1.0, crop_mode=mode,
-            source=f"open_clip preprocess config of {self.native_args.get('model_name', 'clip') if hasattr(self, 'native_args') else 'clip'}{inside}",
+            source=f"open_clip preprocess config of {native.get('model_name', 'clip')}{inside}",
         )
 
     def load_local(self, path: str) -> None:

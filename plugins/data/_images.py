@@ -47,12 +47,6 @@ def input_config(params: Any, ctx: Any, native: tuple[int, int] | None = None, n
     )
 
 
-def target_geometry(params: Any, ctx: Any, native: tuple[int, int], native_channels: int) -> tuple[tuple[int, int], int]:
-    """Image size and channels: the params', else the backbone's, else the data's own."""
-    cfg = input_config(params, ctx, native, native_channels)
-    return tuple(cfg.size), cfg.channels
-
-
 def fit_images(images: torch.Tensor, size: tuple[int, int], channels: int) -> torch.Tensor:
     """Resize (bilinear, antialiased) and convert channels (repeat gray / average RGB)."""
     if tuple(images.shape[-2:]) != tuple(size):
@@ -437,7 +431,7 @@ def lazy_bundle(
     training = train_transform(cfg, augment) if augment is not None else evaluation
     captions = kind == "captioned_images"
     train, val, test = splits
-    for name, rows in (("train", train), ("val", val), ("test", test)):
+    for rows in splits:
         probe(reader, rows, 6)
 
     def subset(rows: np.ndarray, transform: Any) -> ImageSamples:
