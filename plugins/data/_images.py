@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.data import default_collate
 
 from adaptkit.data import SKIPPED, BatchDataset, DataBundle, DataInfo, InputConfig, TensorDataset
 from adaptkit.errors import DataError
@@ -390,7 +391,8 @@ class ImageSamples(BatchDataset):
                 rows.append(row)
                 texts.append(text)
                 skipped += failures
-        batch: dict[str, Any] = {"images": torch.stack(images), SKIPPED: skipped}
+        # default_collate stacks straight into shared memory in a loader worker (no copy on the way out)
+        batch: dict[str, Any] = {"images": default_collate(images), SKIPPED: skipped}
         if self.labels is not None:
             batch["labels"] = torch.as_tensor(self.labels[rows], dtype=torch.long)
         if self.captions:
