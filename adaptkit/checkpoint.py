@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ import torch
 from torch import nn
 
 from adaptkit.errors import CheckpointError
+from adaptkit.rundir import create_temp_file, file_mode
 
 FORMAT = "adaptkit.adapter/1"
 
@@ -69,10 +69,10 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: d
     clean = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
     meta["adaptkit.tensors_sha256"] = _content_hash(clean)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = create_temp_file(path)
     try:
         save_file(clean, tmp, metadata=meta)
+        os.chmod(tmp, file_mode())  # safetensors creates 0600 files; follow the umask as every other tool does
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)

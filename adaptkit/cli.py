@@ -63,9 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     except AdaptkitError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM during a run (adaptkit.rundir.Terminated)
         print("interrupted", file=sys.stderr)
-        return 130
+        return 128 + getattr(exc, "signum", 2)
     except BrokenPipeError:  # `adaptkit schema | head`: the reader left; not an error
         import os
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from adaptkit.errors import RunError
+from adaptkit.rundir import read_marker
 
 
 @dataclass
@@ -56,7 +57,7 @@ def read_run(path: str | Path) -> RunRecord:
     marker = path / "run.json"
     if not marker.is_file():
         raise RunError(f"{path}: not a run directory (no run.json)")
-    info = _read_json(marker) or {}
+    info = read_marker(path) or {}
     try:
         spec = yaml.safe_load((path / "spec.yaml").read_text()) if (path / "spec.yaml").exists() else {}
     except yaml.YAMLError:

@@ -237,6 +237,7 @@ class Trainer:
                     self._save_state(optimizer, done, result.history, loss_sum, loss_count, elapsed + time.perf_counter() - started)
         if bar is not None:
             bar.close()
+        check_finite_state(dict(self.trainable), self.total_steps)
         model.finish_training()
         if self.fsdp:
             unshard_for_good(model)
@@ -270,6 +271,7 @@ class Trainer:
                     value = full_tensor(value)
                     tensors[f"optim.{i}.{key}"] = value.reshape(value.shape) if value.ndim else value.reshape(1)
         tensors.update({f"task.{name}": full_tensor(t) for name, t in self.model.extra_state().items()})
+        check_finite_state(tensors, step)  # (on every process: under fsdp they all hold the whole tensors) the last good checkpoint stays
         if not self.dist.main:
             return
         tensors["rng.torch"] = torch.get_rng_state()
@@ -290,15 +292,19 @@ class Trainer:
         path = self.output_dir / STATE_FILE
         if not path.exists():
             return None
-        tensors, meta = load_tensors(path)
-        if meta.get("spec_fingerprint") and self.spec_fingerprint and meta["spec_fingerprint"] != self.spec_fingerprint:
+        tensors, raw = load_tensors(path)
+        meta = state_metadata(raw, path)
+        if meta["spec_fingerprint"] and self.spec_fingerprint and meta["spec_fingerprint"] != self.spec_fingerprint:
             raise CheckpointError(
                 f"{path}: the checkpoint belongs to a different spec; resume with the spec that started the run, "
                 "or choose another output.dir"
             )
-        names = json.loads(meta["param_names"])
+        names = meta["param_names"]
         if names != [name for name, _ in self.trainable]:
             raise CheckpointError(f"{path}: the checkpoint's trainable tensors differ from this model's")
+        lacking = [key for key in [*(f"param.{name}" for name in names), "rng.torch"] if key not in tensors]
+        if lacking:
+            raise CheckpointError(f"{path}: the checkpoint lacks {lacking[0]}; it is damaged (start again with --overwrite)")
         with torch.no_grad():
             for name, p in self.trainable:
                 p.copy_(like(tensors[f"param.{name}"], p))
@@ -317,13 +323,7 @@ class Trainer:
         torch.set_rng_state(tensors["rng.torch"])
         if "rng.cuda" in tensors and self.device.type == "cuda":
             torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
-        return (
-            int(meta["step"]),
-            json.loads(meta["history"]),
-            float(meta["loss_sum"]),
-            int(meta["loss_count"]),
-            float(meta["elapsed"]),
-        )
+        return meta["step"], meta["history"], meta["loss_sum"], meta["loss_count"], meta["elapsed"]
 
     def _rewrite_history(self, history: list[dict[str, Any]]) -> None:
         path = self.output_dir / "metrics.jsonl"
@@ -332,6 +332,47 @@ class Trainer:
     def _append_history(self, record: dict[str, Any]) -> None:
         with open(self.output_dir / "metrics.jsonl", "a") as handle:
             handle.write(json.dumps(record) + "\n")
+
+
+# ----------------------------------------------------------------- checks
+#: what a checkpoint's metadata holds, and how each value is read back
+_STATE_KEYS: dict[str, Callable[[str], Any]] = {
+    "step": int, "history": json.loads, "loss_sum": float, "loss_count": int, "elapsed": float, "param_names": json.loads,
+}
+
+
+def state_metadata(raw: dict[str, str], path: Path) -> dict[str, Any]:
+    """The parsed metadata of a checkpoint (step, history, ...); a :class:`CheckpointError` naming a damaged key."""
+    meta: dict[str, Any] = {"spec_fingerprint": raw.get("spec_fingerprint", "")}
+    for key, read in _STATE_KEYS.items():
+        if key not in raw:
+            raise CheckpointError(f"{path}: the checkpoint's metadata lacks '{key}'; it is damaged (start again with --overwrite)")
+        try:
+            meta[key] = read(raw[key])
+        except (TypeError, ValueError):
+            meta[key] = None
+        expected = list if key in ("history", "param_names") else (int if key in ("step", "loss_count") else float)
+        if not isinstance(meta[key], expected) or (expected is not list and not math.isfinite(meta[key])):
+            raise CheckpointError(f"{path}: the checkpoint's metadata '{key}' is damaged ({raw[key][:60]!r}); start again with --overwrite")
+    if meta["step"] < 0 or not all(isinstance(r, dict) for r in meta["history"]):
+        raise CheckpointError(f"{path}: the checkpoint's metadata 'step' or 'history' is damaged; start again with --overwrite")
+    return meta
+
+
+def check_resumable(path: Path) -> None:
+    """Refuse a checkpoint that cannot be resumed (damaged file or metadata) before anything is written; none is fine."""
+    if path.exists():
+        state_metadata(load_tensors(path)[1], path)
+
+
+def check_finite_state(tensors: dict[str, torch.Tensor], step: int) -> None:
+    """Refuse to keep trained tensors holding NaN or infinity: a :class:`RunError` naming the step and a tensor."""
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(full_tensor(tensor.detach())).all()):
+            raise RunError(
+                f"the trained tensors became NaN or infinite at step {step} (e.g. {name}); nothing was saved from that "
+                "step, the last good checkpoint is kept. Lower train.lr or enable train.grad_clip"
+            )
 
 
 @torch.no_grad()

@@ -13,12 +13,12 @@ import math
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from adaptkit.errors import DataError, RunError
+from adaptkit.rundir import create_temp_dir, create_temp_file, read_marker
 
 RUN_MARKERS = ("run.json", "spec.yaml", "adapter.safetensors")
 MAX_IMAGE_SIDE = 8192  # pixels of one written image: --scale beyond this is a typo, not a wish
@@ -36,13 +36,10 @@ def written_by_adaptkit(directory: Path) -> bool:
     Stricter than :func:`holds_run` on purpose: a user's folder that merely holds a file
     named ``spec.yaml`` is written into, never removed.
     """
-    import json
-
     try:
-        run = json.loads((directory / "run.json").read_text())
-    except (OSError, ValueError):
+        return read_marker(directory) is not None
+    except RunError:
         return False
-    return isinstance(run, dict) and "spec_fingerprint" in run
 
 
 def _resolved(path: str | Path) -> Path:
@@ -121,8 +118,7 @@ def check_png_outputs(out: str | Path, flag: str, overwrite: bool, beside: Itera
 def atomic_png(save: object, path: Path, *args: object, **kwargs: object) -> Path:
     """Call ``save(images, tmp_path, ...)`` and rename the result over ``path`` (never a half-written PNG)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
+    tmp = create_temp_file(path, ".png")
     try:
         save(*args[:1], Path(tmp), *args[1:], **kwargs)  # type: ignore[operator]
         os.replace(tmp, path)
@@ -154,11 +150,11 @@ def staged_output(out: str | Path, flag: str, overwrite: bool, sources: Iterable
     """
     out = check_output_dir(out, flag, overwrite, sources)
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    staging = create_temp_dir(out.parent, f".{out.name}.partial-")
     try:
         yield staging
         if out.is_dir() and written_by_adaptkit(out):
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            old = create_temp_dir(out.parent, f".{out.name}.old-")
             os.replace(out, old / "run")
             os.replace(staging, out)
             shutil.rmtree(old, ignore_errors=True)
