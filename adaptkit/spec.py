@@ -17,10 +17,11 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
 from adaptkit.errors import PluginError, SpecError, did_you_mean
 from adaptkit.params import ComponentParams
@@ -29,8 +30,18 @@ from adaptkit.params import ComponentParams
 SINGLE_COMPONENTS = {"backbone": "backbone", "task": "task", "data": "data"}
 
 
+#: seeds go to torch, numpy and Python's random; torch takes 64 bits
+MAX_SEED = 2**63 - 1
+#: where a run may train: ``auto`` (cuda when present, else cpu), cpu, cuda, cuda:N, mps
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
 class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # a number a user writes is finite: inf (or 1e400) as a learning rate trains nothing
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+Beta = Annotated[float, Field(ge=0, lt=1)]
 
 
 class TrainSpec(StrictModel):
@@ -40,9 +51,9 @@ class TrainSpec(StrictModel):
     max_steps: int | None = Field(None, gt=0, description="optimizer steps; overrides epochs when set")
     batch_size: int = Field(64, gt=0, description="global batch per optimizer step")
     eval_batch_size: int | None = Field(None, gt=0)
-    lr: float | None = Field(None, gt=0, description="peak learning rate; default: the method's recommended rate")
+    lr: float | None = Field(None, gt=0, le=100, description="peak learning rate; default: the method's recommended rate")
     weight_decay: float | None = Field(None, ge=0, description="AdamW decoupled weight decay; default: the method's")
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[Beta, Beta] = Field((0.9, 0.999), description="AdamW's moment decay rates, each in [0, 1)")
     warmup: float = Field(0.05, ge=0, description="warm-up: a fraction of all steps when < 1, else a step count")
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
@@ -58,6 +69,13 @@ class TrainSpec(StrictModel):
     strategy: Literal["auto", "ddp", "fsdp"] = Field(
         "auto", description="under torchrun: ddp (a full copy per process) or fsdp (parameters sharded per block); auto = ddp"
     )
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        if not DEVICE_PATTERN.match(value):
+            raise ValueError(f"expected auto, cpu, cuda, cuda:N or mps, got {value!r}")
+        return value
 
     @model_validator(mode="after")
     def _check_accum(self) -> "TrainSpec":
@@ -78,7 +96,7 @@ class RunSpec(StrictModel):
 
     name: str | None = Field(None, description="run name; default: the YAML file's stem")
     description: str = ""
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     backbone: SerializeAsAny[ComponentParams]
     methods: list[SerializeAsAny[ComponentParams]] = Field(default_factory=list)
     task: SerializeAsAny[ComponentParams]
@@ -363,7 +381,7 @@ def load_spec(path_or_dict: str | Path | dict[str, Any] | RunSpec, overrides: li
 # --------------------------------------------------------------------- schema
 def json_schema(registry: Any = None) -> dict[str, Any]:
     """JSON Schema of RunSpec with every registered component's params, for editors."""
-    from typing import Annotated, Union
+    from typing import Union
 
     from pydantic import create_model
 
@@ -385,7 +403,7 @@ def json_schema(registry: Any = None) -> dict[str, Any]:
         __base__=StrictModel,
         name=(str | None, None),
         description=(str, ""),
-        seed=(int, 0),
+        seed=(int, Field(0, ge=0, le=MAX_SEED)),
         backbone=(union("backbone"), ...),
         methods=(list[union("method")], []),
         task=(union("task"), ...),

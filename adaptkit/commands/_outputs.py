@@ -11,18 +11,17 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import shutil
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from adaptkit.errors import DataError, RunError
+from adaptkit.spec import DEVICE_PATTERN, MAX_SEED
 from adaptkit.rundir import create_temp_dir, create_temp_file, read_marker
 
 RUN_MARKERS = ("run.json", "spec.yaml", "adapter.safetensors")
 MAX_IMAGE_SIDE = 8192  # pixels of one written image: --scale beyond this is a typo, not a wish
-DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
 def holds_run(directory: Path) -> bool:
@@ -64,8 +63,13 @@ def check_sources_apart(out: str | Path, sources: Iterable[str | Path], flag: st
 
 
 def check_device(device: str, flag: str = "--device") -> None:
-    if not DEVICE.match(str(device)):
+    if not DEVICE_PATTERN.match(str(device)):
         raise RunError(f"{flag} {device!r}: expected auto, cpu, cuda, cuda:N or mps")
+
+
+def check_seed(seed: int, flag: str = "--seed") -> None:
+    if not 0 <= seed <= MAX_SEED:
+        raise RunError(f"{flag} must be >= 0 and < 2**63, got {seed}")
 
 
 def check_finite(value: float | None, flag: str, low: float | None = None, high: float | None = None) -> None:
