@@ -51,7 +51,7 @@ class NativeModel:
 def spec_of_run(source: str | Path) -> tuple[Any, Path]:
     """The spec and the adapter file of a run directory or of an adapter file (its metadata)."""
     from adaptkit.checkpoint import read_metadata
-    from adaptkit.spec import load_spec
+    from adaptkit.spec import load_spec, stored_spec
 
     source = Path(source)
     if source.is_dir():
@@ -68,7 +68,11 @@ def spec_of_run(source: str | Path) -> tuple[Any, Path]:
     metadata = read_metadata(adapter)
     if "spec" not in metadata:
         raise CheckpointError(f"{adapter}: holds no spec in its metadata (not an adaptkit adapter file); pass its run directory")
-    return load_spec(json.loads(metadata["spec"])), adapter
+    try:
+        stored = json.loads(metadata["spec"])
+    except ValueError:
+        raise CheckpointError(f"{adapter}: the spec in its metadata is not valid JSON; the file is damaged") from None
+    return load_spec(stored_spec(stored, str(adapter))), adapter
 
 
 def load_trained(source: str | Path, registry: Any = None) -> nn.Module:
@@ -191,9 +195,11 @@ def leftover_task_tensors(model: nn.Module, result: NativeModel) -> dict[str, to
 
 
 def save_native(model: nn.Module, result: NativeModel, directory: str | Path) -> list[str]:
-    """Write a native model in its library's layout plus ``adaptkit_native.json`` (the recipe)."""
-    from adaptkit.checkpoint import save_tensors
+    """Write a native model in its library's layout plus ``adaptkit_native.json`` (the recipe).
+    Weights holding NaN or infinity (a merge that overflowed) are refused before anything is written."""
+    from adaptkit.checkpoint import refuse_non_finite, save_tensors
 
+    refuse_non_finite(result.model.state_dict(), f"the merged {model.adaptkit.spec.backbone.name} model")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     files = model.backbone.save_native(result.model, directory, result.recipe)

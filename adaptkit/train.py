@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from adaptkit.checkpoint import load_tensors, save_tensors
+from adaptkit.checkpoint import first_non_finite, load_tensors, save_tensors
 from adaptkit.data import BatchDataset, DataBundle, iterate, to_device
 from adaptkit.distributed import DistInfo, full_tensor, like, shard_model, unshard_for_good, unsharded_root
 from adaptkit.errors import CheckpointError, RunError
@@ -237,10 +237,10 @@ class Trainer:
                     self._save_state(optimizer, done, result.history, loss_sum, loss_count, elapsed + time.perf_counter() - started)
         if bar is not None:
             bar.close()
-        check_finite_state(dict(self.trainable), self.total_steps)
         model.finish_training()
         if self.fsdp:
             unshard_for_good(model)
+        check_finite_state({name: p for name, p in model.named_parameters() if p.requires_grad}, self.total_steps)
         result.steps = self.total_steps
         result.seconds = elapsed + time.perf_counter() - started
         return result
@@ -271,7 +271,7 @@ class Trainer:
                     value = full_tensor(value)
                     tensors[f"optim.{i}.{key}"] = value.reshape(value.shape) if value.ndim else value.reshape(1)
         tensors.update({f"task.{name}": full_tensor(t) for name, t in self.model.extra_state().items()})
-        check_finite_state(tensors, step)  # (on every process: under fsdp they all hold the whole tensors) the last good checkpoint stays
+        check_finite_state(tensors, step)  # whole tensors on every process; the last good checkpoint stays
         if not self.dist.main:
             return
         tensors["rng.torch"] = torch.get_rng_state()
@@ -367,12 +367,12 @@ def check_resumable(path: Path) -> None:
 
 def check_finite_state(tensors: dict[str, torch.Tensor], step: int) -> None:
     """Refuse to keep trained tensors holding NaN or infinity: a :class:`RunError` naming the step and a tensor."""
-    for name, tensor in tensors.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(full_tensor(tensor.detach())).all()):
-            raise RunError(
-                f"the trained tensors became NaN or infinite at step {step} (e.g. {name}); nothing was saved from that "
-                "step, the last good checkpoint is kept. Lower train.lr or enable train.grad_clip"
-            )
+    name = first_non_finite({key: tensor.detach() for key, tensor in tensors.items()})
+    if name is not None:
+        raise RunError(
+            f"the trained tensors became NaN or infinite at step {step} (e.g. {name}); nothing was saved from that "
+            "step, the last good checkpoint is kept. Lower train.lr or enable train.grad_clip"
+        )
 
 
 @torch.no_grad()

@@ -117,7 +117,7 @@ def load_local(net: nn.Module, path: str) -> None:
     Accepts timm's own key names and adaptkit checkpoints (``backbone.net.*``); a
     file lacking backbone weights, or holding foreign tensors, is a clear error.
     """
-    state = load_weights(path)
+    state = load_weights(path, "backbone.pretrained")
     for prefix in OWN_PREFIXES:
         if any(k.startswith(prefix) for k in state):
             state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
