@@ -113,11 +113,11 @@ def call_factory(registry: Registry, record: Any, *args: Any) -> Any:
         return record.factory(*args)
     except AdaptkitError:
         raise
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # (a factory calling sys.exit would end adaptkit silently)
         where = f"{record.kind} '{record.name}' (plugin {record.provider}, {registry.source(record.provider)})"
         if record.kind == "data" and isinstance(exc, ValueError):
             raise DataError(f"data '{record.name}': cannot use the data: {_first_line(exc)}") from None
-        if registry.source(record.provider) != "built-in":
+        if isinstance(exc, SystemExit) or registry.source(record.provider) != "built-in":
             raise PluginError(f"{where} failed to build: {type(exc).__name__}: {_first_line(exc)}; report it to the plugin's authors") from exc
         exc.add_note(f"raised while building {where}")
         raise
