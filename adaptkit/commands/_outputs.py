@@ -189,22 +189,18 @@ def check_image_file(path: str | Path, flag: str, channels: int | None, size: tu
     whose aspect ratio differs from the model's (resizing would distort it). Returns a
     note when the image will be resized or converted, or None.
     """
-    from PIL import Image, UnidentifiedImageError
+    from adaptkit.images import open_image
 
     path = Path(path)
     if not path.exists():
         raise DataError(f"{flag} {path}: file not found")
     if not path.is_file():
         raise DataError(f"{flag} {path}: not a file")
-    try:
-        with Image.open(path) as image:
-            image.load()
-            mode, (width, height) = image.mode, image.size
-            alpha = None
-            if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in image.info):
-                alpha = image.convert("RGBA").getchannel("A").getextrema()
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise DataError(f"{flag} {path}: cannot read the image ({str(exc).splitlines()[0][:160]})") from None
+    image = open_image(path, flag)
+    mode, (width, height) = image.mode, image.size
+    alpha = None
+    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in image.info):
+        alpha = image.convert("RGBA").getchannel("A").getextrema()
     if mode in HIGH_BIT_MODES:
         raise DataError(f"{flag} {path}: a {mode} (16-bit or float) image; save it as 8-bit grayscale or RGB")
     if alpha is not None and alpha[0] < 255:
