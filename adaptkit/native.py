@@ -54,25 +54,36 @@ def spec_of_run(source: str | Path) -> tuple[Any, Path]:
     from adaptkit.spec import load_spec, stored_spec
 
     source = Path(source)
+    spec_file = None
     if source.is_dir():
         adapter = source / "adapter.safetensors"
-        spec_file = source / "spec.yaml"
         if not adapter.is_file():
             raise RunError(f"{source}: no adapter.safetensors (is it a finished run directory?)")
-        if spec_file.is_file():
-            return load_spec(spec_file), adapter
+        spec_file = source / "spec.yaml" if (source / "spec.yaml").is_file() else None
     elif source.is_file() and source.suffix.lower() in (".yaml", ".yml", ".json"):
         raise RunError(f"{source}: a spec, not a trained run; give the run directory (or its adapter.safetensors)")
     else:
         adapter = source
     metadata = read_metadata(adapter)
     if "spec" not in metadata:
+        if spec_file is not None:
+            return load_spec(spec_file), adapter
         raise CheckpointError(f"{adapter}: holds no spec in its metadata (not an adaptkit adapter file); pass its run directory")
     try:
-        stored = json.loads(metadata["spec"])
+        stored = load_spec(stored_spec(json.loads(metadata["spec"]), str(adapter)))
     except ValueError:
         raise CheckpointError(f"{adapter}: the spec in its metadata is not valid JSON; the file is damaged") from None
-    return load_spec(stored_spec(stored, str(adapter))), adapter
+    if spec_file is None:
+        return stored, adapter
+    spec = load_spec(spec_file)
+    # spec.yaml may be edited (data paths on another machine), but not what the tensors mean
+    for key in ("methods", "task"):
+        if spec.to_dict()[key] != stored.to_dict()[key]:
+            raise RunError(
+                f"{source}: spec.yaml and adapter.safetensors disagree on {key} (the adapter's own spec says "
+                f"{json.dumps(stored.to_dict()[key])[:200]}); they come from different runs. Re-run it, or pass the adapter file"
+            )
+    return spec, adapter
 
 
 def load_trained(source: str | Path, registry: Any = None) -> nn.Module:

@@ -220,3 +220,19 @@ def test_outputs_follow_the_umask(tmp_path, monkeypatch):
         assert stat.S_IMODE(file.stat().st_mode) == 0o644, file
     for folder in [run, run / "checkpoint", tmp_path / "exported"]:
         assert stat.S_IMODE(folder.stat().st_mode) == 0o755, folder
+
+
+def test_a_run_whose_spec_and_adapter_disagree_is_refused(finished, tmp_path, capsys):
+    _, run = finished
+    mixed = tmp_path / "mixed"
+    import shutil
+
+    shutil.copytree(run, mixed)
+    spec = yaml.safe_load((mixed / "spec.yaml").read_text())
+    spec["methods"][0]["alpha"] = 5.0  # what an interrupted overwrite used to leave: a new spec beside the old adapter
+    (mixed / "spec.yaml").write_text(yaml.safe_dump(spec))
+    user_error(capsys, ["merge", mixed, tmp_path / "out"], "disagree on methods", "different runs")
+    spec["methods"][0]["alpha"] = json.loads(adaptkit.checkpoint.read_metadata(run / "adapter.safetensors")["spec"])["methods"][0]["alpha"]
+    spec["data"]["shift"] = 1  # another machine's data settings: still the same adapter
+    (mixed / "spec.yaml").write_text(yaml.safe_dump(spec))
+    assert main(["merge", str(mixed), str(tmp_path / "out")]) == 0
