@@ -279,8 +279,9 @@ def load_yaml(text: str, source: str | None = None) -> Any:
     """
     import yaml
 
-    loader = _spec_loader()(text)
+    loader = None
     try:
+        loader = _spec_loader()(text)  # (the reader refuses control characters here)
         return loader.get_single_data()
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
@@ -290,7 +291,8 @@ def load_yaml(text: str, source: str | None = None) -> Any:
     except RecursionError:  # nesting the composer's own recursion cannot take (the depth bound normally comes first)
         raise SpecError(f"not valid YAML: nested deeper than {MAX_YAML_DEPTH} levels", source) from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 _LOADER: Any = None
@@ -319,7 +321,10 @@ def _spec_loader() -> Any:
 
         def compose_document(self) -> Any:
             node = super().compose_document()
-            if _expanded_size(node, {}) > MAX_YAML_NODES:
+            size = _expanded_size(node, {})
+            if size is None:
+                raise ComposerError(None, None, "an alias refers to the value that holds it (a loop)", node.start_mark)
+            if size > MAX_YAML_NODES:
                 raise ComposerError(None, None, f"its aliases expand to more than {MAX_YAML_NODES:,} values "
                                     "(an alias bomb?); write the values out", node.start_mark)
             return node
@@ -344,16 +349,20 @@ def _spec_loader() -> Any:
     return _LOADER
 
 
-def _expanded_size(node: Any, sizes: dict[int, int]) -> int:
-    """How many nodes ``node`` becomes once every alias is written out (memoised: linear in the document)."""
+def _expanded_size(node: Any, sizes: dict[int, int | None]) -> int | None:
+    """How many nodes ``node`` becomes once every alias is written out (memoised: linear in the
+    document), or None when an alias refers to a value that holds it (it would never end)."""
     if id(node) in sizes:
         return sizes[id(node)]
-    sizes[id(node)] = 1  # a recursive alias counts once (the constructor refuses it anyway)
+    sizes[id(node)] = None  # in progress: meeting it again below is a loop
     children = node.value if isinstance(node.value, list) else []
     total = 1
     for child in children:
         for part in child if isinstance(child, tuple) else (child,):
-            total += _expanded_size(part, sizes)
+            size = _expanded_size(part, sizes)
+            if size is None:
+                return None
+            total += size
     sizes[id(node)] = total
     return total
 

@@ -335,27 +335,28 @@ class Trainer:
 
 
 # ----------------------------------------------------------------- checks
-#: what a checkpoint's metadata holds, and how each value is read back
-_STATE_KEYS: dict[str, Callable[[str], Any]] = {
-    "step": int, "history": json.loads, "loss_sum": float, "loss_count": int, "elapsed": float, "param_names": json.loads,
+#: what a checkpoint's metadata holds: how each value is read back, and what it must then be
+_STATE_KEYS: dict[str, tuple[Callable[[str], Any], type]] = {
+    "step": (int, int), "history": (json.loads, list), "loss_sum": (float, float), "loss_count": (int, int),
+    "elapsed": (float, float), "param_names": (json.loads, list),
 }
 
 
 def state_metadata(raw: dict[str, str], path: Path) -> dict[str, Any]:
     """The parsed metadata of a checkpoint (step, history, ...); a :class:`CheckpointError` naming a damaged key."""
     meta: dict[str, Any] = {"spec_fingerprint": raw.get("spec_fingerprint", "")}
-    for key, read in _STATE_KEYS.items():
+    for key, (read, kind) in _STATE_KEYS.items():
         if key not in raw:
             raise CheckpointError(f"{path}: the checkpoint's metadata lacks '{key}'; it is damaged (start again with --overwrite)")
         try:
-            meta[key] = read(raw[key])
+            value = read(raw[key])
         except (TypeError, ValueError):
-            meta[key] = None
-        expected = list if key in ("history", "param_names") else (int if key in ("step", "loss_count") else float)
-        if not isinstance(meta[key], expected) or (expected is not list and not math.isfinite(meta[key])):
+            value = None
+        if not isinstance(value, kind) or (kind is not list and not math.isfinite(value)) or (key == "step" and value < 0):
             raise CheckpointError(f"{path}: the checkpoint's metadata '{key}' is damaged ({raw[key][:60]!r}); start again with --overwrite")
-    if meta["step"] < 0 or not all(isinstance(r, dict) for r in meta["history"]):
-        raise CheckpointError(f"{path}: the checkpoint's metadata 'step' or 'history' is damaged; start again with --overwrite")
+        meta[key] = value
+    if not all(isinstance(record, dict) for record in meta["history"]):
+        raise CheckpointError(f"{path}: the checkpoint's metadata 'history' is damaged; start again with --overwrite")
     return meta
 
 

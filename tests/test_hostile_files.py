@@ -99,6 +99,13 @@ def test_an_alias_bomb_is_refused(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("kwargs, fragment", [("&x [*x]", "loop"), ("&x {a: *x}", "loop"), ('"\x07"', "unacceptable character")])
+def test_alias_loops_and_control_characters_are_refused(tmp_path, capsys, kwargs, fragment):
+    path = write(tmp_path, base_yaml(tmp_path).replace("backbone:\n", f"backbone:\n  kwargs: {kwargs}\n", 1))
+    user_error(capsys, ["validate", path], fragment)
+    user_error(capsys, ["validate", write(tmp_path, base_yaml(tmp_path)), f"backbone.kwargs={kwargs}"], "backbone.kwargs")
+
+
 def test_a_small_alias_still_works(tmp_path, capsys):
     text = base_yaml(tmp_path).replace("backbone:\n", "backbone:\n  kwargs: &kw {}\n", 1) + "description: &d shared\n"
     assert main(["validate", str(write(tmp_path, text))]) == 0
