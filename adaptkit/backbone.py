@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from adaptkit.data import InputConfig
 from adaptkit.surface import Surface
 
 
@@ -105,6 +106,19 @@ class Backbone(nn.Module):
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError(f"{type(self).__name__} does not encode images")
+
+    def input_config(self) -> InputConfig | None:
+        """The images this backbone expects (size, channels, mean/std, resampling, crop),
+        taken from its checkpoint; None for a backbone that takes no images.
+
+        Default: adaptkit's own convention, [-1, 1] at ``image_size`` with ``in_chans``
+        channels (diffusion and StyleGAN models). timm backbones return timm's pretrained
+        config, CLIP its preprocess config. Image data sources build their transforms from it.
+        """
+        if self.image_size is None:
+            return None
+        size = (self.image_size,) * 2 if isinstance(self.image_size, int) else tuple(self.image_size)
+        return InputConfig(size=size, channels=int(self.in_chans), source="[-1, 1]")
 
     # text_features capability (image-text models such as CLIP) -------------
     # ``encode_image`` and ``encode_text`` map into one joint space; zero-shot

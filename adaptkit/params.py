@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class ComponentParams(BaseModel):
@@ -23,3 +25,23 @@ class ComponentParams(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     name: str
+
+
+class LoaderParams(ComponentParams):
+    """How the trainer reads a data source: worker processes, prefetching, bad samples.
+
+    A data source's params subclass it to offer these options (the built-in image
+    sources do); the trainer reads them from any params that are a ``LoaderParams``
+    and uses the defaults for others. Example (YAML)::
+
+        data: {name: image_folder, root: photos/, workers: 4, on_error: skip}
+    """
+
+    workers: int = Field(0, ge=0, le=256, description="data-loader worker processes (0: read in the training process)")
+    prefetch: int = Field(2, ge=1, le=64, description="batches each worker prepares ahead")
+    persistent_workers: bool = Field(True, description="keep workers alive between epochs and evaluations")
+    pin_memory: bool | None = Field(None, description="page-locked batches for faster copies to the GPU (default: on with CUDA)")
+    on_error: Literal["skip", "fail"] = Field(
+        "skip", description="an unreadable or truncated sample: skip it (another takes its place; counted and reported) or fail the run"
+    )
+    timeout: float = Field(0, ge=0, le=86_400, description="seconds to wait for one batch from a worker before failing (0: no limit)")

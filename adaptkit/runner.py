@@ -75,6 +75,7 @@ def _run_in(rundir: RunDirectory, spec: RunSpec, reg: Any, device: Any, dist: An
     from adaptkit import __version__
     from adaptkit.builder import build, count_parameters, recommended
     from adaptkit.checkpoint import save_adapter
+    from adaptkit.data import InputConfig, LoaderOptions
     from adaptkit.plots import plot_curves
     from adaptkit.task import TaskModel
     from adaptkit.train import STATE_FILE, Trainer, check_resumable, evaluate
@@ -85,9 +86,13 @@ def _run_in(rundir: RunDirectory, spec: RunSpec, reg: Any, device: Any, dist: An
     out = rundir.work
     if spec.train.resume:
         check_resumable(out / STATE_FILE)  # a damaged checkpoint: refused before run.json changes
-    rundir.start(spec.to_yaml(), {"name": spec.name, "adaptkit_version": __version__})
     data = model.adaptkit.data
+    preprocess = data.info.extra.get("preprocess")
+    rundir.start(spec.to_yaml(), {"name": spec.name, "adaptkit_version": __version__,
+                                  **({"preprocess": preprocess} if preprocess else {}),
+                                  **({"augment": data.info.extra["augment"]} if "augment" in data.info.extra else {})})
     trainable, total = count_parameters(model)
+    loader = LoaderOptions.of(spec.data, device)
     lr = recommended(spec, reg, "lr", 1e-3)
     weight_decay = recommended(spec, reg, "weight_decay", 0.0 if spec.methods else 0.01)
     say(
@@ -96,14 +101,21 @@ def _run_in(rundir: RunDirectory, spec: RunSpec, reg: Any, device: Any, dist: An
         f" | lr {lr:g} wd {weight_decay:g} | device {device}{f' x{dist.world}' if dist.enabled else ''} | {rundir.out}"
     )
 
+    if preprocess:
+        say(f"data: {len(data.train) if data.train is not None else 0:,} training samples | preprocess {InputConfig(**preprocess).describe()}"
+            f" | augment {data.info.extra.get('augment', 'none')} | workers {loader.workers}")
+
     history: list[dict[str, Any]] = []
     train_seconds = 0.0
     resumed_from = 0
+    skipped: dict[str, int] = {}
+    trainer = None
     if trainable:
         trainer = Trainer(model, data, spec.train, seed=spec.seed, lr=lr, weight_decay=weight_decay, output_dir=out,
-                          device=device, dist=dist, spec_fingerprint=spec.fingerprint(), log=say)
+                          device=device, dist=dist, spec_fingerprint=spec.fingerprint(), log=say, loader=loader)
         fitted = trainer.fit()
         history, train_seconds, resumed_from = fitted.history, fitted.seconds, fitted.resumed_from
+        skipped["train"] = fitted.skipped
     else:
         say("nothing to train (no method adds or unfreezes parameters): evaluating only")
         model.to(device)
@@ -113,7 +125,9 @@ def _run_in(rundir: RunDirectory, spec: RunSpec, reg: Any, device: Any, dist: An
     for split in ("val", "test"):
         dataset = getattr(data, split)
         if dataset is not None and len(dataset):
-            final[split] = evaluate(model, dataset, eval_bs, device)
+            kept = trainer.eval_loader(split) if trainer is not None else None
+            final[split] = evaluate(model, dataset, eval_bs, device, options=loader, loader=kept)
+            skipped[split] = int(final[split].pop("skipped", 0)) if isinstance(final[split], dict) else 0
     files: list[str] = []
     if dist.main:
         save_adapter(model, out / "adapter.safetensors")
@@ -130,6 +144,7 @@ def _run_in(rundir: RunDirectory, spec: RunSpec, reg: Any, device: Any, dist: An
             "train_seconds": round(train_seconds, 2),
             "resumed_from_step": resumed_from,
             "adapter_bytes": (out / "adapter.safetensors").stat().st_size,
+            "data_skipped": skipped,
         }
         write_json(out / "metrics.json", summary)
         files.append("metrics.json")

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from adaptkit.checkpoint import first_non_finite, load_tensors, save_tensors
-from adaptkit.data import BatchDataset, DataBundle, iterate, to_device
+from adaptkit.data import BatchDataset, DataBundle, LoaderOptions, PlannedLoader, SequentialPlan, to_device
 from adaptkit.distributed import DistInfo, full_tensor, like, shard_model, unshard_for_good, unsharded_root
 from adaptkit.errors import CheckpointError, RunError
 from adaptkit.spec import TrainSpec
@@ -35,6 +35,8 @@ class TrainResult:
     steps: int = 0
     seconds: float = 0.0
     resumed_from: int = 0
+    #: unreadable samples skipped while training (replaced by the next readable ones), over all processes
+    skipped: int = 0
 
 
 def _generator(seed: int, epoch: int, stream: int) -> torch.Generator:
@@ -49,6 +51,48 @@ def epoch_order(size: int, seed: int, epoch: int) -> torch.Tensor:
 def epoch_randomness(size: int, dims: int, seed: int, epoch: int) -> torch.Tensor:
     """Per-sample uniform numbers for augmentation in one epoch (the same on every process)."""
     return torch.rand(size, dims, generator=_generator(seed, epoch, 1))
+
+
+def epoch_seed_base(seed: int, epoch: int) -> int:
+    """Sample ``i`` of an epoch seeds its augmentation with ``base + i`` (the same on every process)."""
+    return int(torch.randint(0, 2**62, (1,), generator=_generator(seed, epoch, 2)).item())
+
+
+class TrainPlan:
+    """Which samples every micro-batch of every optimizer step reads, from ``start`` on.
+
+    A pure function of the seed, epoch and step: the loader iterates it to hand batches to
+    its workers, and the loop iterates :meth:`steps` to know how many micro-batches each step
+    has, so a resumed run picks up at the same sample and each process reads its own part of
+    every global batch.
+    """
+
+    def __init__(self, size: int, batch_size: int, accum: int, steps_per_epoch: int, start: int, total: int,
+                 seed: int, dist: DistInfo, augment_dims: int) -> None:
+        self.size, self.batch_size, self.accum, self.steps_per_epoch = size, batch_size, accum, steps_per_epoch
+        self.start, self.total, self.seed, self.dist, self.augment_dims = start, total, seed, dist, augment_dims
+
+    def steps(self) -> Any:
+        """(step, global batch size, [(indices, seeds, rand), ...] of this process's micro-batches)."""
+        cached_epoch, order, rand, base = -1, None, None, 0
+        for step in range(self.start, self.total):
+            epoch, index_in_epoch = divmod(step, self.steps_per_epoch)
+            if epoch != cached_epoch:
+                order = epoch_order(self.size, self.seed, epoch)
+                rand = epoch_randomness(self.size, self.augment_dims, self.seed, epoch) if self.augment_dims else None
+                base = epoch_seed_base(self.seed, epoch)
+                cached_epoch = epoch
+            indices = order[index_in_epoch * self.batch_size : (index_in_epoch + 1) * self.batch_size]
+            mine = torch.tensor_split(indices, self.dist.world)[self.dist.rank]
+            micros = [
+                (m.tolist(), (m + base).tolist(), rand[m] if rand is not None else None)
+                for m in torch.tensor_split(mine, self.accum) if len(m)
+            ]
+            yield step, len(indices), micros
+
+    def __iter__(self) -> Any:
+        for _, _, micros in self.steps():
+            yield from micros
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
@@ -91,6 +135,7 @@ class Trainer:
         dist: DistInfo,
         spec_fingerprint: str = "",
         log: Callable[[str], None] = print,
+        loader: LoaderOptions | None = None,
     ) -> None:
         if data.train is None or len(data.train) == 0:
             raise RunError("the data source has no training samples")
@@ -106,6 +151,8 @@ class Trainer:
         self.warmup = int(train.warmup if train.warmup >= 1 else round(train.warmup * self.total_steps))
         self.trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
         self.fsdp = False  # set by fit: train.strategy fsdp under torchrun
+        self.loader_options = loader or LoaderOptions()
+        self._eval_loaders: dict[str, PlannedLoader] = {}
 
     # ----------------------------------------------------------------- setup
     def _optimizer(self) -> torch.optim.Optimizer:
@@ -141,10 +188,12 @@ class Trainer:
         optimizer = self._optimizer()
         result = TrainResult()
         start_step, loss_sum, loss_count, elapsed = 0, 0.0, 0, 0.0
+        self.skipped_before = 0
         if self.cfg.resume:
             restored = self._restore(optimizer)
             if restored is not None:
-                start_step, result.history, loss_sum, loss_count, elapsed = restored
+                start_step, result.history, loss_sum, loss_count, elapsed, skipped = restored
+                self.skipped_before = skipped if self.dist.main else 0  # a global count: added once, by rank 0
                 result.resumed_from = start_step
                 if self.dist.main:
                     self.log(f"resuming at step {start_step} of {self.total_steps}")
@@ -159,33 +208,21 @@ class Trainer:
                                              find_unused_parameters=model.ddp_find_unused_parameters)
 
         train_set: BatchDataset = self.data.train
-        n, batch_size, accum = len(train_set), self.cfg.batch_size, self.cfg.grad_accum
         params = [p for _, p in self.trainable]
+        plan = TrainPlan(len(train_set), self.cfg.batch_size, self.cfg.grad_accum, self.steps_per_epoch, start_step,
+                         self.total_steps, self.seed, self.dist, self.data.augment_dims if self.data.augment else 0)
+        loader = PlannedLoader(train_set, plan, self.loader_options, self.data.augment)
+        batches = iter(loader)
         bar = self._progress(start_step)
-        order = rand = None
-        cached_epoch = -1
         started = time.perf_counter()
         seen_samples = 0
-        for step in range(start_step, self.total_steps):
-            epoch, index_in_epoch = divmod(step, self.steps_per_epoch)
-            if epoch != cached_epoch:
-                order = epoch_order(n, self.seed, epoch)
-                if self.data.augment is not None:
-                    rand = epoch_randomness(n, self.data.augment_dims, self.seed, epoch)
-                cached_epoch = epoch
-            indices = order[index_in_epoch * batch_size : (index_in_epoch + 1) * batch_size]
-            global_count = len(indices)
-            mine = torch.tensor_split(indices, self.dist.world)[self.dist.rank]
-            micro_batches = [m for m in torch.tensor_split(mine, accum) if len(m)]
+        for step, global_count, micro_batches in plan.steps():
             factor = lr_factor(step, self.total_steps, self.warmup, self.cfg.schedule, self.cfg.min_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = self.lr * factor
             step_loss = 0.0
-            for k, micro in enumerate(micro_batches):
-                batch = train_set.batch(micro.tolist())
-                if self.data.augment is not None:
-                    batch = self.data.augment(batch, rand[micro])
-                batch = to_device(batch, self.device)
+            for k in range(len(micro_batches)):
+                batch = to_device(next(batches), self.device)
                 sync = k == len(micro_batches) - 1
                 if self.fsdp:
                     engine.set_requires_gradient_sync(sync)  # reduce-scatter gradients on the last micro-batch only
@@ -204,7 +241,7 @@ class Trainer:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             model.after_optimizer_step(step + 1)
-            local_count = sum(len(m) for m in micro_batches)
+            local_count = sum(len(m[0]) for m in micro_batches)
             loss_sum += step_loss
             loss_count += local_count
             seen_samples += global_count
@@ -233,10 +270,14 @@ class Trainer:
                         if key in record:
                             bar.write(f"step {done}: train_loss {record['train_loss']:.4f}  {key} {record[key]:.4f}")
             if done % self.checkpoint_every == 0 or done == self.total_steps:
+                result.skipped = self._skipped_total(loader.skipped)
                 if self.dist.main or self.fsdp:  # under fsdp every process gathers its shards; rank 0 writes
-                    self._save_state(optimizer, done, result.history, loss_sum, loss_count, elapsed + time.perf_counter() - started)
+                    self._save_state(optimizer, done, result.history, loss_sum, loss_count, elapsed + time.perf_counter() - started,
+                                     result.skipped)
         if bar is not None:
             bar.close()
+        if result.skipped and self.dist.main:
+            self.log(f"data: skipped {result.skipped} unreadable training samples (each replaced by the next readable one)")
         model.finish_training()
         if self.fsdp:
             unshard_for_good(model)
@@ -245,14 +286,35 @@ class Trainer:
         result.seconds = elapsed + time.perf_counter() - started
         return result
 
+    def _skipped_total(self, mine: int) -> int:
+        """Skipped training samples so far, summed over processes (collective under torchrun)."""
+        count = torch.tensor([self.skipped_before + mine], dtype=torch.long)
+        if self.dist.enabled:
+            import torch.distributed as dist
+
+            count = count.to(self.device)
+            dist.all_reduce(count)
+        return int(count.item())
+
     @torch.no_grad()
     def evaluate(self, split: str) -> dict[str, Any]:
-        """Metrics of the task on a split (every process evaluates the whole split)."""
+        """Metrics of the task on a split (every process evaluates the whole split); the
+        split's loader (and with persistent workers, its worker processes) is kept for the next time."""
         dataset = getattr(self.data, split)
         if dataset is None or len(dataset) == 0:
             return {}
         with unsharded_root(self.model):
-            return evaluate(self.model, dataset, self.cfg.eval_batch_size or self.cfg.batch_size, self.device, self._autocast)
+            return evaluate(self.model, dataset, 0, self.device, self._autocast, loader=self.eval_loader(split))
+
+    def eval_loader(self, split: str) -> PlannedLoader | None:
+        """The loader of a split's evaluations (made once: persistent workers serve every evaluation)."""
+        dataset = getattr(self.data, split)
+        if dataset is None or len(dataset) == 0:
+            return None
+        if split not in self._eval_loaders:
+            plan = SequentialPlan(len(dataset), self.cfg.eval_batch_size or self.cfg.batch_size)
+            self._eval_loaders[split] = PlannedLoader(dataset, plan, self.loader_options)
+        return self._eval_loaders[split]
 
     def _progress(self, start: int) -> Any:
         if not (self.cfg.progress and self.dist.main):
@@ -262,7 +324,8 @@ class Trainer:
         return tqdm(total=self.total_steps, initial=start, desc="train", unit="step", dynamic_ncols=True, leave=True)
 
     # ----------------------------------------------------------------- state
-    def _save_state(self, optimizer: torch.optim.Optimizer, step: int, history: list[dict[str, Any]], loss_sum: float, loss_count: int, elapsed: float) -> None:
+    def _save_state(self, optimizer: torch.optim.Optimizer, step: int, history: list[dict[str, Any]], loss_sum: float, loss_count: int,
+                    elapsed: float, skipped: int = 0) -> None:
         # whole tensors: under fsdp every process takes part in gathering the shards, in the same order
         tensors: dict[str, torch.Tensor] = {f"param.{name}": full_tensor(p.detach()) for name, p in self.trainable}
         for i, (_, p) in enumerate(self.trainable):
@@ -284,11 +347,12 @@ class Trainer:
             "loss_count": loss_count,
             "elapsed": elapsed,
             "spec_fingerprint": self.spec_fingerprint,
+            "skipped": skipped,
             "param_names": [name for name, _ in self.trainable],
         }
         save_tensors(self.output_dir / STATE_FILE, tensors, metadata)
 
-    def _restore(self, optimizer: torch.optim.Optimizer) -> tuple[int, list[dict[str, Any]], float, int, float] | None:
+    def _restore(self, optimizer: torch.optim.Optimizer) -> tuple[int, list[dict[str, Any]], float, int, float, int] | None:
         path = self.output_dir / STATE_FILE
         if not path.exists():
             return None
@@ -323,7 +387,7 @@ class Trainer:
         torch.set_rng_state(tensors["rng.torch"])
         if "rng.cuda" in tensors and self.device.type == "cuda":
             torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
-        return meta["step"], meta["history"], meta["loss_sum"], meta["loss_count"], meta["elapsed"]
+        return meta["step"], meta["history"], meta["loss_sum"], meta["loss_count"], meta["elapsed"], meta["skipped"]
 
     def _rewrite_history(self, history: list[dict[str, Any]]) -> None:
         path = self.output_dir / "metrics.jsonl"
@@ -338,13 +402,16 @@ class Trainer:
 #: what a checkpoint's metadata holds: how each value is read back, and what it must then be
 _STATE_KEYS: dict[str, tuple[Callable[[str], Any], type]] = {
     "step": (int, int), "history": (json.loads, list), "loss_sum": (float, float), "loss_count": (int, int),
-    "elapsed": (float, float), "param_names": (json.loads, list),
+    "elapsed": (float, float), "param_names": (json.loads, list), "skipped": (int, int),
 }
+#: keys older checkpoints lack, and the value they stand for
+_STATE_DEFAULTS = {"skipped": "0"}
 
 
 def state_metadata(raw: dict[str, str], path: Path) -> dict[str, Any]:
     """The parsed metadata of a checkpoint (step, history, ...); a :class:`CheckpointError` naming a damaged key."""
     meta: dict[str, Any] = {"spec_fingerprint": raw.get("spec_fingerprint", "")}
+    raw = {**_STATE_DEFAULTS, **raw}
     for key, (read, kind) in _STATE_KEYS.items():
         if key not in raw:
             raise CheckpointError(f"{path}: the checkpoint's metadata lacks '{key}'; it is damaged (start again with --overwrite)")
@@ -352,7 +419,7 @@ def state_metadata(raw: dict[str, str], path: Path) -> dict[str, Any]:
             value = read(raw[key])
         except (TypeError, ValueError):
             value = None
-        if not isinstance(value, kind) or (kind is not list and not math.isfinite(value)) or (key == "step" and value < 0):
+        if not isinstance(value, kind) or (kind is not list and not math.isfinite(value)) or (key in ("step", "skipped") and value < 0):
             raise CheckpointError(f"{path}: the checkpoint's metadata '{key}' is damaged ({raw[key][:60]!r}); start again with --overwrite")
         meta[key] = value
     if not all(isinstance(record, dict) for record in meta["history"]):
@@ -377,15 +444,32 @@ def check_finite_state(tensors: dict[str, torch.Tensor], step: int) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: TaskModel, dataset: BatchDataset, batch_size: int, device: torch.device, autocast: Callable[[], Any] | None = None) -> dict[str, Any]:
-    """Run a task's evaluation over a dataset, in eval mode, then restore the mode."""
+def evaluate(
+    model: TaskModel,
+    dataset: BatchDataset,
+    batch_size: int,
+    device: torch.device,
+    autocast: Callable[[], Any] | None = None,
+    options: LoaderOptions | None = None,
+    loader: PlannedLoader | None = None,
+) -> dict[str, Any]:
+    """Run a task's evaluation over a dataset, in eval mode, then restore the mode.
+
+    Batches come from ``loader``, or a new one over ``dataset`` in order (``options``: workers).
+    Samples it skipped as unreadable are added to the metrics as ``skipped``.
+    """
     was_training = model.training
     model.eval()
+    loader = loader or PlannedLoader(dataset, SequentialPlan(len(dataset), batch_size), options or LoaderOptions())
+    before = loader.skipped
     try:
         with autocast() if autocast else _null():
-            return model.evaluate(to_device(b, device) for b in iterate(dataset, batch_size))
+            metrics = model.evaluate(to_device(b, device) for b in loader)
     finally:
         model.train(was_training)
+    if loader.skipped > before and isinstance(metrics, dict):
+        metrics["skipped"] = loader.skipped - before
+    return metrics
 
 
 class _null:

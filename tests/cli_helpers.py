@@ -1,10 +1,16 @@
-"""Test helpers: run the CLI expecting a user error; hash a folder's files; damaged copies; a free port for torchrun."""
+"""Test helpers: run the CLI expecting a user error; hash a folder's files; damaged copies; torchrun runs."""
 
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
 
 from adaptkit.cli import main
 
@@ -37,3 +43,16 @@ def altered_copy(source, target, change):
     shutil.copytree(source, target)
     change(target)
     return target
+
+
+def torchrun(tmp_path: Path, spec: dict, *args: str, cli: list[str] | None = None) -> subprocess.CompletedProcess:
+    """``adaptkit run`` of ``spec`` (written as YAML beside its output dir's name) on 2 gloo processes;
+    ``cli`` replaces ``-m adaptkit.cli`` (a script that wraps it), ``args`` are extra overrides."""
+    path = tmp_path / f"{Path(spec['output']['dir']).name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+         *(cli or ["-m", "adaptkit.cli"]), "run", str(path), *args],
+        capture_output=True, text=True, env=env, timeout=300,
+    )

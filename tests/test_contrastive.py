@@ -14,7 +14,7 @@ from adaptkit.builder import build  # noqa: E402
 from adaptkit.errors import DataError  # noqa: E402
 from adaptkit_plugins.data.digits_captions import DIGIT_WORDS, WORDINGS, caption  # noqa: E402
 from adaptkit_plugins.tasks._contrastive_impl import clip_loss  # noqa: E402
-from tests.cli_helpers import free_port  # noqa: E402
+from tests.cli_helpers import torchrun  # noqa: E402
 
 
 def _pseudocode_loss(image: np.ndarray, text: np.ndarray, t: float) -> float:
@@ -155,11 +155,6 @@ def test_contrastive_training_pulls_pairs_together(tmp_path):
 @pytest.mark.slow
 def test_ddp_contrasts_the_global_batch(tmp_path):
     """torchrun x2 (gloo): each process's pairs meet the other's as negatives, as in one process."""
-    import os
-    import subprocess
-    import sys
-
-    import yaml
     from safetensors.torch import load_file
 
     spec = {
@@ -170,13 +165,7 @@ def test_ddp_contrasts_the_global_batch(tmp_path):
     }
     adaptkit.run(spec, log=lambda *_: None)
     ddp = {**spec, "name": "ddp", "output": {"dir": str(tmp_path / "ddp")}}
-    path = tmp_path / "ddp.yaml"
-    path.write_text(yaml.safe_dump(ddp))
-    done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-         "-m", "adaptkit.cli", "run", str(path)],
-        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300,
-    )
+    done = torchrun(tmp_path, ddp)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     single, parallel = (load_file(str(tmp_path / d / "adapter.safetensors")) for d in ("single", "ddp"))
     assert set(single) == set(parallel)

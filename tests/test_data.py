@@ -79,8 +79,9 @@ def test_image_folder_errors(tmp_path):
         bundle(tmp_path, {"name": "image_folder", "root": str(tmp_path / "empty")})
     make_folder(tmp_path / "broken")
     (tmp_path / "broken" / "class_0" / "bad.png").write_bytes(b"not an image")
-    with pytest.raises(DataError, match="cannot read image .*bad.png"):
-        bundle(tmp_path, {"name": "image_folder", "root": str(tmp_path / "broken")})
+    strict = bundle(tmp_path, {"name": "image_folder", "root": str(tmp_path / "broken"), "on_error": "fail", "split": [1, 0, 0]})
+    with pytest.raises(DataError, match="bad.png: cannot read the image"):
+        strict.train.batch(range(len(strict.train)))
     make_folder(tmp_path / "sized", size=12)
-    with pytest.raises(DataError, match="is 12x12, expected 8x8"):
+    with pytest.raises(DataError, match="is 12x12, expected 8x8"):  # found by the probe before training
         bundle(tmp_path, {"name": "image_folder", "root": str(tmp_path / "sized"), "resize": False})

@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 import adaptkit
 from adaptkit.errors import SpecError
@@ -18,12 +14,10 @@ from adaptkit.runner import load_run
 from adaptkit.checkpoint import load_tensors
 from adaptkit.distributed import fsdp_available
 from adaptkit.spec import load_spec
-from tests.cli_helpers import free_port
+from tests.cli_helpers import torchrun
 from tests.conftest import tiny_vit_spec
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not fsdp_available(), reason="this torch has no FSDP2 (fully_shard)")]
-
-ROOT = Path(__file__).resolve().parents[1]
 
 # simulate a crash right after the checkpoint of step 3 (on every process)
 CRASHING_CLI = """
@@ -55,17 +49,6 @@ def fsdp_spec(tmp_path: Path, name: str) -> dict:
 
 def adapter(run_dir: Path) -> dict:
     return load_tensors(run_dir / "adapter.safetensors")[0]
-
-
-def torchrun(tmp_path: Path, spec: dict, *args: str, cli: list[str] | None = None) -> subprocess.CompletedProcess:
-    path = tmp_path / f"{Path(spec['output']['dir']).name}.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    return subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-         *(cli or ["-m", "adaptkit.cli"]), "run", str(path), *args],
-        capture_output=True, text=True, env=env, timeout=300,
-    )
 
 
 @pytest.fixture(scope="module")

@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 import adaptkit
 from adaptkit.checkpoint import load_tensors
 from adaptkit.errors import RunError
 from adaptkit.train import Trainer, lr_factor
 from tests.conftest import tiny_vit_spec
-from tests.cli_helpers import free_port
+from tests.cli_helpers import torchrun
 
 quiet = dict(log=lambda *_: None)
 
@@ -117,14 +113,7 @@ def test_ddp_two_processes_match_one(tmp_path):
     adaptkit.run(single, **quiet)
     ddp = json.loads(json.dumps(single))
     ddp["output"]["dir"] = str(tmp_path / "ddp")
-    path = tmp_path / "ddp.yaml"
-    path.write_text(yaml.safe_dump(ddp))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-         "-m", "adaptkit.cli", "run", str(path)],
-        capture_output=True, text=True, env=env, timeout=300,
-    )
+    done = torchrun(tmp_path, ddp)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     assert "x2" in done.stdout  # the header names the world size
     for key, value in adapter(tmp_path / "single").items():

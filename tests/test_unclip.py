@@ -11,7 +11,7 @@ import torch
 import adaptkit
 from adaptkit.cli import main as cli
 from adaptkit.errors import CheckpointError, CompatibilityError, SpecError
-from tests.cli_helpers import free_port
+from tests.cli_helpers import torchrun
 
 TEXT_UNET = {"name": "ddpm_unet", "model": "ddpm_unet_cross_tiny", "conditioning": "text", "text_encoder": {"model": "clip_tiny_digits"}}
 TINY_STAGES = {"prior": {"model": "unclip_prior_tiny"}, "decoder": {"model": "unclip_decoder_tiny"}}
@@ -173,19 +173,8 @@ def test_a_stage_file_of_the_wrong_stage_is_refused(stage_runs, tmp_path):
 @pytest.mark.slow
 def test_ddp_trains_a_stage_whose_model_holds_unused_parameters(tmp_path):
     """PriorTransformer's clip_mean / clip_std never take part in a step: DDP must tolerate them."""
-    import os
-    import subprocess
-    import sys
-
-    import yaml
-
     ddp = spec(tmp_path, unclip("prior"), [{"name": "full", "tower": "prior"}], max_steps=2)
-    path = tmp_path / "ddp.yaml"
-    path.write_text(yaml.safe_dump(ddp))
-    done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}", "-m", "adaptkit.cli", "run", str(path)],
-        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300,
-    )
+    done = torchrun(tmp_path, ddp)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     assert "x2" in done.stdout and (tmp_path / "run" / "adapter.safetensors").exists()
 

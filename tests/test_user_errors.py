@@ -68,6 +68,12 @@ def test_generate_refuses_a_seed_beyond_64_bits(tmp_path, capsys):
     user_error(capsys, ["generate", tmp_path / "run", "--seed", str(2**64), "--out", tmp_path / "g.png"], "--seed", "2**63")
 
 
+def test_latent_seeds_that_run_past_64_bits_are_refused(tmp_path, capsys):
+    spec = {"backbone": {"name": "stylegan2", "preset": "tiny"}, "task": {"name": "stylegan2_gan"},
+            "data": {"name": "latent_seeds", "first": 2**63 - 100}, "output": {"dir": str(tmp_path / "run")}}
+    user_error(capsys, ["validate", spec_file(tmp_path, spec)], "data", "2**63")
+
+
 def image_folder(root, counts):
     for label, count in counts.items():
         (root / label).mkdir(parents=True)

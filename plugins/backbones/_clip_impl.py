@@ -215,6 +215,25 @@ class ClipBackbone(ClipNative, Backbone):
             backbone.load_local(local)
         return backbone
 
+    def input_config(self) -> Any:
+        """open_clip's preprocess config: its size, interpolation and resize mode. The images
+        themselves come in adaptkit's [-1, 1] (what the edit and unCLIP tasks feed too);
+        this backbone applies the checkpoint's own mean/std inside :meth:`normalise_images`."""
+        from adaptkit.data import InputConfig
+
+        native = getattr(self, "native_args", {})
+        cfg = native.get("preprocess_cfg", {})
+        numbers = lambda v: "(" + ", ".join(f"{x:.4g}" for x in v) + ")"  # noqa: E731
+        mean, std = cfg.get("mean", (0.5,) * 3), cfg.get("std", (0.5,) * 3)
+        inside = "" if self.identity_normalisation else f"; the model applies mean {numbers(mean)} std {numbers(std)} itself"
+        # open_clip's 'shortest' resize + centre crop is timm's crop_pct 1.0; 'squash' resizes without a crop
+        mode = "squash" if cfg.get("resize_mode") == "squash" else "center"
+        return InputConfig(
+            size=(int(self.image_size[0]), int(self.image_size[1])), channels=self.in_chans,
+            interpolation=str(cfg.get("interpolation") or "bicubic"), crop_pct=1.0, crop_mode=mode,
+            source=f"open_clip preprocess config of {native.get('model_name', 'clip')}{inside}",
+        )
+
     def load_local(self, path: str) -> None:
         """Load a local weights file or directory: open_clip's names, ours, or an adaptkit run's file."""
         source = Path(path)

@@ -67,15 +67,46 @@ def create(params: Any, ctx: Any, family: str, expected: type[nn.Module]) -> nn.
         )
     if isinstance(params.pretrained, str) and hub is None:
         load_local(net, params.pretrained)
+    net.adaptkit_preset_preprocess = dict(preset.config.get("preprocess") or {}) if preset is not None else {}
     # how plain timm creates the same architecture (weights aside), for native export
     net.adaptkit_recipe = {"model_name": arch if hub is None else name, **{k: v for k, v in kwargs.items() if k != "num_classes"}}
     return net
+
+
+def timm_input_config(net: nn.Module, in_chans: int, image_size: Any, preset_preprocess: dict[str, Any] | None) -> Any:
+    """What timm says this model expects (``resolve_model_data_config``: the pretrained
+    config's mean/std, interpolation and crop), at the size the model was built for.
+
+    A preset may pin fields (``preprocess:`` in registry.yaml): the tiny digits presets
+    keep adaptkit's [-1, 1] images.
+    """
+    from timm.data import resolve_model_data_config
+
+    from adaptkit.data import InputConfig
+
+    cfg = resolve_model_data_config(net)
+    tag = (getattr(net, "pretrained_cfg", None) or {}).get("tag")
+    arch = (getattr(net, "pretrained_cfg", None) or {}).get("architecture", type(net).__name__)
+    source = f"timm pretrained_cfg of {arch}{'.' + tag if tag else ''}"
+    size = tuple(image_size) if image_size is not None else tuple(cfg["input_size"][-2:])
+    config = InputConfig(
+        size=(int(size[0]), int(size[1])), channels=int(in_chans), mean=cfg["mean"], std=cfg["std"],
+        interpolation=str(cfg.get("interpolation") or "bicubic"), crop_pct=float(cfg.get("crop_pct") or 1.0),
+        crop_mode=str(cfg.get("crop_mode") or "center"), source=source,
+    )
+    if preset_preprocess:
+        config = config.updated(**preset_preprocess, source=f"{source}; preset")
+    return config
 
 
 class TimmNative:
     """Native export for backbones that keep a timm model as ``self.net`` (mixed into Backbone)."""
 
     net: nn.Module
+
+    def input_config(self) -> Any:
+        """timm's data config of this model (see :func:`timm_input_config`)."""
+        return timm_input_config(self.net, self.in_chans, self.image_size, getattr(self.net, "adaptkit_preset_preprocess", None))
 
     def native_state_dict(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Our names (``net.blocks.0.attn.qkv.weight``) -> timm's (``blocks.0.attn.qkv.weight``)."""

@@ -17,9 +17,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from adaptkit.data import DataBundle, DataInfo, TensorDataset
+from adaptkit.data import DataBundle, DataInfo
 from adaptkit.errors import DataError
-from adaptkit_plugins.data._images import few_shot, fit_images, make_shift, stratified_split, target_geometry
+from adaptkit_plugins.data._images import (
+    TensorImages,
+    describe_augment,
+    few_shot,
+    input_config,
+    lazy_bundle,
+    make_shift,
+    normalise,
+    stratified_split,
+    train_transform,
+)
+from adaptkit_plugins.data.image_folder import FileReader
 
 KIND = "captioned_images"
 
@@ -41,10 +52,7 @@ def _caption_augment(shift: Any) -> tuple[Any, int]:
 
 
 def _split(labels: np.ndarray, params: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    try:
-        return stratified_split(labels, params.split, params.split_seed)
-    except ValueError as exc:
-        raise DataError(f"data.split: cannot split {len(labels)} samples {tuple(params.split)}: {exc}") from None
+    return stratified_split(labels, params.split, params.split_seed)
 
 
 def _bundle(
@@ -57,33 +65,36 @@ def _bundle(
     ctx: Any,
     source_size: int,
 ) -> DataBundle:
+    """Captioned in-memory images (the digits) as a bundle, fitted to the model's input."""
     n = len(captions)
     train, val, test = _split(labels if labels is not None else np.zeros(n, dtype=np.int64), params)
     if params.shots is not None:
         if labels is None:
             raise DataError("data.shots: few-shot sampling needs class labels (set data.label_key)")
         train = few_shot(train, labels, params.shots, params.split_seed)
-    size, channels = target_geometry(params, ctx, tuple(images.shape[-2:]), images.shape[1])
-    fitted = fit_images(images, size, channels)
+    cfg = input_config(params, ctx, tuple(images.shape[-2:]), images.shape[1])
+    augment = params.augment_for(files=False)
+    transform = train_transform(cfg, augment) if augment is not None else None
 
-    def subset(idx: np.ndarray) -> TensorDataset:
+    def subset(idx: np.ndarray, sample_transform: Any = None) -> TensorImages:
         index = torch.as_tensor(idx, dtype=torch.long)
-        tensors: dict[str, Any] = {"images": fitted[index], "captions": [captions[i] for i in idx.tolist()]}
+        tensors: dict[str, Any] = {"images": images[index], "captions": [captions[i] for i in idx.tolist()]}
         if labels is not None:
             tensors["labels"] = torch.as_tensor(labels, dtype=torch.long)[index]
         if variants is not None:
             tensors["caption_variants"] = [variants[i] for i in idx.tolist()]
-        return TensorDataset(**tensors)
+        return TensorImages(cfg, sample_transform, **tensors)
 
-    info = DataInfo(kind=KIND, num_classes=len(class_names), class_names=class_names, image_size=size, channels=channels)
+    info = DataInfo(kind=KIND, num_classes=len(class_names), class_names=class_names, image_size=tuple(cfg.size),
+                    channels=cfg.channels, extra={"preprocess": cfg.as_dict(), "augment": describe_augment(augment, params.shift)})
     shift = None
     if params.shift:
-        scaled = max(1, round(params.shift * size[0] / source_size))
-        shift = make_shift(scaled, float(fitted.min()))
-    augment, dims = (None, 0)
+        scaled = max(1, round(params.shift * cfg.size[0] / source_size))
+        shift = make_shift(scaled, float(normalise(torch.full((1, cfg.channels, 1, 1), float(images.min())), cfg).min()))
+    augment_fn, dims = (None, 0)
     if shift is not None or variants is not None:
-        augment, dims = _caption_augment(shift)
-    return DataBundle(info, subset(train), subset(val), subset(test), augment=augment, augment_dims=dims)
+        augment_fn, dims = _caption_augment(shift)
+    return DataBundle(info, subset(train, transform), subset(val), subset(test), augment=augment_fn, augment_dims=dims)
 
 
 def digits_captions_bundle(params: Any, ctx: Any) -> DataBundle:
@@ -138,25 +149,44 @@ def read_listing(path: Path, image_key: str, caption_key: str, label_key: str | 
     return out
 
 
-def captions_bundle(params: Any, ctx: Any) -> DataBundle:
-    from adaptkit_plugins.data.image_folder import _read
+class CaptionedFiles(FileReader):
+    """Image files with a caption each (a CSV/JSONL listing)."""
 
+    def __init__(self, paths: list[str], texts: list[str], expect_size: tuple[int, int] | None = None) -> None:
+        super().__init__(paths, expect_size)
+        self.texts = texts
+
+    def text(self, i: int) -> str:
+        return self.texts[i]
+
+
+def captions_bundle(params: Any, ctx: Any) -> DataBundle:
+    """A CSV/JSONL listing read lazily: images decoded per batch by the loader's workers."""
     path = Path(params.file)
     rows = read_listing(path, params.image_key, params.caption_key, params.label_key)
-    paths = [(path.parent / image) for image, _, _ in rows]
-    absent = [p for p in paths if not p.is_file()]
+    root = path.parent.resolve()
+    paths = []
+    for image, _, _ in rows:
+        full = (path.parent / image)
+        if not params.allow_outside_root and not full.resolve().is_relative_to(root):
+            raise DataError(f"data.file: {path} lists {image}, outside the listing's folder {root}; set data.allow_outside_root=true to allow it")
+        paths.append(str(full))
+    absent = [p for p in paths if not Path(p).is_file()]
     if absent:
         raise DataError(f"data.file: {path} lists {len(absent)} images that do not exist, e.g. {absent[0]}")
-    channels = params.channels or (getattr(ctx.backbone, "in_chans", None) if ctx.backbone is not None else None) or 3
-    size, channels = target_geometry(params, ctx, (0, 0), channels)
-    images = _read(paths, "L" if channels == 1 else "RGB", size if size != (0, 0) else None, params.resize)
     captions = [c for _, c, _ in rows]
     labels, names = None, []
     if params.label_key:
         names = sorted({label for _, _, label in rows if label is not None})
         index = {name: i for i, name in enumerate(names)}
         labels = np.array([index[label] for _, _, label in rows], dtype=np.int64)
-    return _bundle(images, captions, None, labels, names, params, ctx, source_size=images.shape[-1])
+    train, val, test = _split(labels if labels is not None else np.zeros(len(rows), dtype=np.int64), params)
+    if params.shots is not None:
+        if labels is None:
+            raise DataError("data.shots: few-shot sampling needs class labels (set data.label_key)")
+        train = few_shot(train, labels, params.shots, params.split_seed)
+    expect = None if params.resize else tuple(input_config(params, ctx).size)
+    return lazy_bundle(CaptionedFiles(paths, captions, expect), (train, val, test), labels, names, params, ctx, kind=KIND)
 
 
 def unique_texts(texts: Sequence[str]) -> tuple[list[str], list[int]]:

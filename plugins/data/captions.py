@@ -14,7 +14,8 @@ from adaptkit_plugins.data.image_params import ImageDataParams
 class CaptionsParams(ImageDataParams):
     """``file``: a .csv (header row) or .jsonl file with an image path and a caption per row.
 
-    Image paths are relative to the file's folder. An optional label column gives the
+    Image paths are relative to the file's folder and may not leave it unless
+    ``allow_outside_root``; images are read lazily, per batch. An optional label column gives the
     class of each image (for zero-shot accuracy, stratified splits and ``shots``).
     """
 
@@ -24,6 +25,7 @@ class CaptionsParams(ImageDataParams):
     caption_key: str = Field("caption", description="column / key of the caption")
     label_key: str | None = Field(None, description="column / key of an optional class label")
     resize: bool = Field(True, description="resize images to image_size; when false, a different size is an error")
+    allow_outside_root: bool = Field(False, description="allow image paths that leave the listing's folder (../, absolute paths)")
 
 
 def load_captions(params: CaptionsParams, ctx: Any) -> Any:

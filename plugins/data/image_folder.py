@@ -14,36 +14,78 @@ EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
 class ImageFolderParams(ImageDataParams):
-    """``root/<class>/<image>``; or ``root/train|val|test/<class>/<image>`` for fixed splits."""
+    """``root/<class>/<image>``; or ``root/train|val|test/<class>/<image>`` for fixed splits.
+
+    Images are listed, not read, when the run starts; loader workers decode them batch by
+    batch, so memory does not grow with the number of images.
+    """
 
     name: Literal["image_folder"] = "image_folder"
     root: str = Field(..., description="folder with one sub-folder per class (or train/val/test sub-folders)")
-    resize: bool = Field(True, description="resize images to image_size; when false, a different size is an error")
+    resize: bool = Field(True, description="resize images to the input size; when false, an image of another size is an error")
 
 
 def _class_dirs(root: Any) -> list[Any]:
     return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _read(paths: list[Any], mode: str, size: tuple[int, int] | None, resize: bool) -> Any:
+def list_images(folder: Any) -> list[str]:
+    """Image files under ``folder`` (recursively, sorted; names only: nothing is opened)."""
+    import os
+
+    found = []
+    for base, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found += [os.path.join(base, f) for f in files if os.path.splitext(f)[1].lower() in EXTENSIONS and not f.startswith(".")]
+    return sorted(found)
+
+
+class FileReader:
+    """Image files by index (see :class:`adaptkit_plugins.data._images.SampleReader`)."""
+
+    def __init__(self, paths: list[str], expect_size: tuple[int, int] | None = None) -> None:
+        self.paths, self.expect_size = paths, expect_size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def image(self, i: int) -> Any:
+        from adaptkit_plugins.data._images import decode
+
+        path = self.paths[i]
+        image = decode(lambda: path, path)
+        if self.expect_size is not None and image.size != (self.expect_size[1], self.expect_size[0]):
+            from adaptkit.errors import DataError
+
+            h, w = self.expect_size
+            raise DataError(f"data: {path} is {image.size[0]}x{image.size[1]}, expected {w}x{h} (set data.resize=true to resize)")
+        return image
+
+    def where(self, i: int) -> str:
+        return self.paths[i]
+
+
+def read_images(paths: list[Any], mode: str, size: tuple[int, int] | None, resize: bool = True) -> Any:
+    """A few image files as one tensor in [-1, 1] (n, channels, h, w), bilinear-resized to
+    ``size`` (for prompts and sources given as files on the command line, not datasets)."""
     import numpy as np
     import torch
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     from adaptkit.errors import DataError
+    from adaptkit_plugins.data._images import SampleError, decode
 
     arrays = []
     for path in paths:
         try:
-            with Image.open(path) as image:
-                image = image.convert(mode)
-                if size is not None and image.size != (size[1], size[0]):
-                    if not resize:
-                        raise DataError(f"data: {path} is {image.size[0]}x{image.size[1]}, expected {size[1]}x{size[0]} (set data.resize=true to resize)")
-                    image = image.resize((size[1], size[0]), Image.BILINEAR)
-                arrays.append(np.asarray(image, dtype=np.float32))
-        except (UnidentifiedImageError, OSError) as exc:
-            raise DataError(f"data: cannot read image {path}: {exc}") from None
+            image = decode(lambda: path, str(path)).convert(mode)
+        except SampleError as exc:
+            raise DataError(f"data: {exc}") from None
+        if size is not None and image.size != (size[1], size[0]):
+            if not resize:
+                raise DataError(f"data: {path} is {image.size[0]}x{image.size[1]}, expected {size[1]}x{size[0]} (set data.resize=true to resize)")
+            image = image.resize((size[1], size[0]), Image.BILINEAR)
+        arrays.append(np.asarray(image, dtype=np.float32))
     stacked = torch.from_numpy(np.stack(arrays))
     stacked = stacked.unsqueeze(1) if stacked.ndim == 3 else stacked.permute(0, 3, 1, 2)
     return stacked / 127.5 - 1.0
@@ -53,11 +95,9 @@ def load_image_folder(params: ImageFolderParams, ctx: Any) -> Any:
     from pathlib import Path
 
     import numpy as np
-    import torch
 
-    from adaptkit.data import DataBundle, DataInfo, TensorDataset
     from adaptkit.errors import DataError
-    from adaptkit_plugins.data._images import few_shot, labelled_bundle, make_shift, target_geometry
+    from adaptkit_plugins.data._images import few_shot, input_config, lazy_bundle, stratified_split
 
     root = Path(params.root)
     if not root.is_dir():
@@ -68,47 +108,34 @@ def load_image_folder(params: ImageFolderParams, ctx: Any) -> Any:
     if len(class_names) < 2:
         raise DataError(f"data.root: {split_dirs[0]} needs at least two class sub-folders, found {len(class_names)}")
 
-    def listing(folder: Path) -> tuple[list[Path], list[int]]:
-        paths, labels = [], []
+    def listing(folder: Path, required: bool) -> tuple[list[str], list[int]]:
+        paths: list[str] = []
+        labels: list[int] = []
         for label, name in enumerate(class_names):
             sub = folder / name
-            if not sub.is_dir():
-                continue
-            files = sorted(p for p in sub.rglob("*") if p.suffix.lower() in EXTENSIONS)
+            files = list_images(sub) if sub.is_dir() else []
+            if required and not files:
+                raise DataError(f"data.root: class folder {sub} holds no images ({', '.join(EXTENSIONS)}); remove it or add images")
             paths += files
             labels += [label] * len(files)
+        extra = sorted({p.name for p in _class_dirs(folder)} - set(class_names)) if folder.is_dir() else []
+        if extra:
+            raise DataError(f"data.root: {folder} has class folders that {split_dirs[0]} lacks: {', '.join(extra[:5])}")
         return paths, labels
 
-    channels = params.channels or (getattr(ctx.backbone, "in_chans", None) if ctx.backbone is not None else None) or 3
-    mode = "L" if channels == 1 else "RGB"
-    size, channels = target_geometry(params, ctx, (0, 0), channels)
-    size = size if size != (0, 0) else None
     if split_dirs is fixed:
-        splits = []
-        for folder in fixed:
-            paths, labels = listing(folder) if folder.is_dir() else ([], [])
-            images = _read(paths, mode, size, params.resize) if paths else torch.zeros(0, channels, *(size or (1, 1)))
-            splits.append((images, np.asarray(labels, dtype=np.int64)))
-        (train_x, train_y), (val_x, val_y), (test_x, test_y) = splits
-        if len(train_y) == 0:
-            raise DataError(f"data.root: {fixed[0]} holds no images")
-        keep = few_shot(np.arange(len(train_y)), train_y, params.shots, params.split_seed)
-        train_x, train_y = train_x[torch.as_tensor(keep)], train_y[keep]
-        info = DataInfo(kind="labelled_images", num_classes=len(class_names), class_names=class_names,
-                        image_size=tuple(train_x.shape[-2:]), channels=channels)
-        augment = make_shift(params.shift, -1.0) if params.shift else None
-        return DataBundle(
-            info,
-            TensorDataset(images=train_x, labels=torch.as_tensor(train_y)),
-            TensorDataset(images=val_x, labels=torch.as_tensor(val_y)),
-            TensorDataset(images=test_x, labels=torch.as_tensor(test_y)),
-            augment=augment, augment_dims=2 if augment else 0,
-        )
-    paths, labels = listing(root)
-    if not paths:
-        raise DataError(f"data.root: no images ({', '.join(EXTENSIONS)}) under {root}")
-    images = _read(paths, mode, size, params.resize)
-    return labelled_bundle(images, np.asarray(labels), class_names, params, ctx, source_size=images.shape[-1])
+        parts = [listing(folder, required=folder == fixed[0]) if folder.is_dir() else ([], []) for folder in fixed]
+        paths = [p for part, _ in parts for p in part]
+        labels = np.asarray([y for _, part in parts for y in part], dtype=np.int64)
+        bounds = np.cumsum([0] + [len(part) for part, _ in parts])
+        train, val, test = (np.arange(bounds[i], bounds[i + 1]) for i in range(3))
+    else:
+        paths, label_list = listing(root, required=True)
+        labels = np.asarray(label_list, dtype=np.int64)
+        train, val, test = stratified_split(labels, params.split, params.split_seed)
+    train = few_shot(train, labels, params.shots, params.split_seed)
+    expect = None if params.resize else tuple(input_config(params, ctx).size)
+    return lazy_bundle(FileReader(paths, expect), (train, val, test), labels, class_names, params, ctx)
 
 
 @hookimpl
@@ -118,7 +145,8 @@ def adaptkit_data_sources() -> list[DataRecord]:
             name="image_folder",
             params=ImageFolderParams,
             factory=load_image_folder,
-            summary="a folder per class (PNG/JPEG/...), or train/val/test folders; resized to the backbone's input",
+            summary="a folder per class (PNG/JPEG/...), or train/val/test folders; read lazily by data.workers, "
+            "preprocessed as the backbone's checkpoint says; default augment: random-resized crop + flip",
             provides="labelled_images",
         )
     ]
