@@ -11,7 +11,7 @@ import torch
 from adaptkit.checkpoint import fingerprint
 from adaptkit.compat import check_spec
 from adaptkit.data import DataBundle, DataInfo
-from adaptkit.errors import CompatibilityError, PluginError
+from adaptkit.errors import AdaptkitError, CompatibilityError, DataError, PluginError
 from adaptkit.method import AppliedMethod
 from adaptkit.records import PresetRecord
 from adaptkit.registry import Registry
@@ -83,22 +83,49 @@ def build(spec: RunSpec | dict[str, Any] | str, registry: Registry | None = None
     seed_everything(spec.seed)
     ctx = BuildContext(spec=spec, registry=reg)
     backbone_record = reg.get("backbone", spec.backbone.name)
-    backbone = backbone_record.factory(spec.backbone, ctx)
+    backbone = call_factory(reg, backbone_record, spec.backbone, ctx)
     backbone.registered_name = backbone_record.name
     ctx.backbone = backbone
     base_fp = fingerprint(backbone.base_state_dict())
 
-    data = reg.get("data", spec.data.name).factory(spec.data, ctx)
-    model: TaskModel = reg.get("task", spec.task.name).factory(spec.task, backbone, data.info, ctx)
+    data = call_factory(reg, reg.get("data", spec.data.name), spec.data, ctx)
+    model: TaskModel = call_factory(reg, reg.get("task", spec.task.name), spec.task, backbone, data.info, ctx)
     backbone.requires_grad_(False)
 
     applied: list[AppliedMethod] = []
     surface = model.surface
     for params in spec.methods:
-        record = reg.get("method", params.name)
-        applied.append(record.factory(params, surface, ctx))
+        applied.append(call_factory(reg, reg.get("method", params.name), params, surface, ctx))
     model.adaptkit = BuildInfo(spec, base_fp, applied, data.info, data if keep_data else None)
     return model
+
+
+def call_factory(registry: Registry, record: Any, *args: Any) -> Any:
+    """``record.factory(*args)``, with what it raises naming the component and the plugin that registered it.
+
+    A data source that cannot split or read the user's data raises ValueError (scikit-learn's
+    "the least populated class has only 1 member"): a :class:`DataError`. A third-party
+    factory's other failures are a :class:`PluginError` naming its package (the rest of
+    adaptkit works; the plugin's authors can fix it); a built-in's stay internal errors
+    (a bug here), with a note naming it.
+    """
+    try:
+        return record.factory(*args)
+    except AdaptkitError:
+        raise
+    except (Exception, SystemExit) as exc:  # (a factory calling sys.exit would end adaptkit silently)
+        where = f"{record.kind} '{record.name}' (plugin {record.provider}, {registry.source(record.provider)})"
+        if record.kind == "data" and isinstance(exc, ValueError):
+            raise DataError(f"data '{record.name}': cannot use the data: {_first_line(exc)}") from None
+        if isinstance(exc, SystemExit) or registry.source(record.provider) != "built-in":
+            raise PluginError(f"{where} failed to build: {type(exc).__name__}: {_first_line(exc)}; report it to the plugin's authors") from exc
+        exc.add_note(f"raised while building {where}")
+        raise
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:300] if lines else type(exc).__name__
 
 
 def recommended(spec: RunSpec, registry: Registry, key: str, fallback: float) -> float:

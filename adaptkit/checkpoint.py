@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ import torch
 from torch import nn
 
 from adaptkit.errors import CheckpointError
+from adaptkit.rundir import create_temp_file, file_mode
 
 FORMAT = "adaptkit.adapter/1"
 
@@ -52,27 +52,57 @@ def _tensor_bytes(tensor: torch.Tensor) -> bytes:
     return flat.numpy().tobytes()
 
 
-def _content_hash(tensors: dict[str, torch.Tensor]) -> str:
-    return fingerprint(tensors)
+#: metadata keys holding hashes: the tensors alone (older files), and the tensors with the metadata
+TENSORS_HASH, CONTENT_HASH = "adaptkit.tensors_sha256", "adaptkit.content_sha256"
+
+
+def _content_hash(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
+    """The tensors' fingerprint, and with ``metadata`` also every metadata entry but the hashes:
+    the spec and the methods' parameters say what the tensors mean (LoRA's alpha scales them)."""
+    if metadata is None:
+        return fingerprint(tensors)
+    described = {k: v for k, v in metadata.items() if k not in (TENSORS_HASH, CONTENT_HASH)}
+    return hashlib.sha256((fingerprint(tensors) + json.dumps(described, sort_keys=True)).encode()).hexdigest()[:16]
+
+
+def first_non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point tensor holding NaN or infinity, or None."""
+    for name, tensor in tensors.items():
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return name
+    return None
+
+
+def refuse_non_finite(tensors: dict[str, torch.Tensor], where: str | Path) -> None:
+    """A :class:`CheckpointError` when weights hold NaN or infinity: never read, merged or written."""
+    name = first_non_finite(tensors)
+    if name is not None:
+        raise CheckpointError(
+            f"{where}: '{name}' holds NaN or infinite values; only finite floating-point weights are accepted "
+            "(a damaged file, or a run that diverged)"
+        )
 
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any] | None = None) -> Path:
     """Write ``tensors`` to a safetensors file atomically (temp file + fsync + rename).
 
-    Metadata values that are not strings are stored as JSON. A content hash is added
-    so that :func:`load_tensors` can refuse a damaged file.
+    Metadata values that are not strings are stored as JSON. Hashes of the tensors and of
+    the tensors with the metadata are added so that :func:`load_tensors` can refuse a
+    damaged file. Tensors holding NaN or infinity are refused.
     """
     from safetensors.torch import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     clean = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
-    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
-    meta["adaptkit.tensors_sha256"] = _content_hash(clean)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    refuse_non_finite(clean, path)
+    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items() if k not in (TENSORS_HASH, CONTENT_HASH)}
+    meta[TENSORS_HASH] = _content_hash(clean)  # what adaptkit before 0.1.1 checks
+    meta[CONTENT_HASH] = _content_hash(clean, meta)
+    tmp = create_temp_file(path)
     try:
         save_file(clean, tmp, metadata=meta)
+        os.chmod(tmp, file_mode())  # safetensors creates 0600 files; follow the umask as every other tool does
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -96,7 +126,8 @@ def read_metadata(path: str | Path) -> dict[str, str]:
 
 
 def load_tensors(path: str | Path, verify: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Load a safetensors file and its metadata; verify the content hash when present."""
+    """Load a safetensors file and its metadata; verify the recorded hash when present (of the
+    tensors and metadata, or of the tensors alone in older files) and refuse NaN or infinity."""
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -105,19 +136,34 @@ def load_tensors(path: str | Path, verify: bool = True) -> tuple[dict[str, torch
         tensors = load_file(str(path))
     except Exception as exc:
         raise CheckpointError(f"{path}: damaged or truncated safetensors file ({_short(exc)})") from None
-    expected = metadata.get("adaptkit.tensors_sha256")
-    if verify and expected and _content_hash(tensors) != expected:
-        raise CheckpointError(f"{path}: the tensors do not match the file's recorded hash; the file is damaged or was modified")
+    if verify:
+        if CONTENT_HASH in metadata:
+            intact = _content_hash(tensors, metadata) == metadata[CONTENT_HASH]
+        else:
+            intact = TENSORS_HASH not in metadata or _content_hash(tensors) == metadata[TENSORS_HASH]
+        if not intact:
+            raise CheckpointError(f"{path}: the tensors or metadata do not match the file's recorded hash; the file is damaged or was modified")
+        refuse_non_finite(tensors, path)
     return tensors, metadata
 
 
-def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+def load_weights(path: str | Path, where: str | None = None) -> dict[str, torch.Tensor]:
     """Load a weights file: safetensors, or a torch state dict via ``weights_only=True``.
 
     A directory is searched for ``model.safetensors`` / ``*.safetensors`` /
-    ``pytorch_model.bin``. Pickled objects other than tensors are refused.
+    ``pytorch_model.bin``. Pickled objects other than tensors, and NaN or infinite
+    values, are refused; ``where`` (a YAML path such as ``backbone.pretrained``)
+    starts the message.
     """
-    path = Path(path)
+    try:
+        return _load_weights(Path(path))
+    except CheckpointError as exc:
+        if where is None:
+            raise
+        raise CheckpointError(f"{where}: {exc}") from None
+
+
+def _load_weights(path: Path) -> dict[str, torch.Tensor]:
     if path.is_dir():
         candidates = [path / "model.safetensors", *sorted(path.glob("*.safetensors")), path / "pytorch_model.bin"]
         found = next((c for c in candidates if c.is_file()), None)
@@ -135,6 +181,7 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: expected a mapping of parameter names to tensors")
+    refuse_non_finite(state, path)
     return state
 
 

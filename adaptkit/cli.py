@@ -8,7 +8,9 @@ message and exit 2; anything else is an internal error (exit 1).
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import os
 import keyword
 import sys
 import traceback
@@ -49,6 +51,20 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+#: what the machine refuses, not adaptkit: a full disk, a quota, a read-only file system, too long a name
+ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ENAMETOOLONG}
+
+
+def environment_problem(exc: OSError) -> str | None:
+    """The one-line message of an OSError the user's machine caused (a full disk...), or None for others."""
+    if exc.errno not in ENVIRONMENT_ERRNOS:
+        return None
+    where = f"{exc.filename}: " if exc.filename else ""
+    hint = {errno.ENOSPC: "free some space or write elsewhere", errno.EDQUOT: "free some space or write elsewhere",
+            errno.EROFS: "write to another directory", errno.ENAMETOOLONG: "choose a shorter name"}[exc.errno]
+    return f"{where}{exc.strerror or os.strerror(exc.errno)}; {hint}"
+
+
 def main(argv: list[str] | None = None) -> int:
     top = parser()
     # overrides (key=value) may come after options: `run spec.yaml --overwrite train.lr=1e-3`
@@ -63,14 +79,20 @@ def main(argv: list[str] | None = None) -> int:
     except AdaptkitError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM during a run (adaptkit.rundir.Terminated)
         print("interrupted", file=sys.stderr)
-        return 130
+        return 128 + getattr(exc, "signum", 2)
     except BrokenPipeError:  # `adaptkit schema | head`: the reader left; not an error
-        import os
-
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as exc:
+        problem = environment_problem(exc)
+        if problem is None:
+            traceback.print_exc()
+            print("internal error: this is a bug in adaptkit or a plugin; please report it with the traceback above", file=sys.stderr)
+            return 1
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     except Exception:  # a bug: show where, ask for a report
         traceback.print_exc()
         print("internal error: this is a bug in adaptkit or a plugin; please report it with the traceback above", file=sys.stderr)

@@ -1,14 +1,62 @@
-"""Writing generated images: PNG grids and single files (imports torch and Pillow)."""
+"""Reading images safely, and writing generated ones: PNG grids and single files.
+
+Torch and Pillow are imported when a function needs them (the command modules that
+only check an input image stay torch-free).
+"""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import torch
+from adaptkit.errors import DataError
+
+if TYPE_CHECKING:
+    import torch
+
+
+def open_image(path: str | Path, where: str = "data") -> Any:
+    """Open and decode an image file, or raise a :class:`DataError` naming ``where`` and the file.
+
+    Refused: a file Pillow cannot read or that is truncated, and an image over Pillow's
+    decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``; a small file that decodes
+    to gigabytes): both its ``DecompressionBombError`` and its ``DecompressionBombWarning``
+    become the DataError, so a data source may skip such a file under its ``on_error``.
+
+    Example::
+
+        image = open_image("photos/cat/001.jpg", "data.root")   # a loaded PIL.Image
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.load()
+                return image.copy()  # decoded, and the file closed
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise DataError(
+            f"{where} {path}: the image is larger than Pillow's decompression-bomb limit "
+            f"({Image.MAX_IMAGE_PIXELS:,} pixels; {_first_line(exc)}); shrink it, or remove it from the data"
+        ) from None
+    except FileNotFoundError:
+        raise DataError(f"{where} {path}: file not found") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise DataError(f"{where} {path}: cannot read the image ({_first_line(exc)})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:160] if lines else type(exc).__name__
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
     """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8 in [0, 255]."""
+    import torch
+
     scaled = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return scaled.permute(0, 2, 3, 1)
 

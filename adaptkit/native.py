@@ -51,24 +51,39 @@ class NativeModel:
 def spec_of_run(source: str | Path) -> tuple[Any, Path]:
     """The spec and the adapter file of a run directory or of an adapter file (its metadata)."""
     from adaptkit.checkpoint import read_metadata
-    from adaptkit.spec import load_spec
+    from adaptkit.spec import load_spec, stored_spec
 
     source = Path(source)
+    spec_file = None
     if source.is_dir():
         adapter = source / "adapter.safetensors"
-        spec_file = source / "spec.yaml"
         if not adapter.is_file():
             raise RunError(f"{source}: no adapter.safetensors (is it a finished run directory?)")
-        if spec_file.is_file():
-            return load_spec(spec_file), adapter
+        spec_file = source / "spec.yaml" if (source / "spec.yaml").is_file() else None
     elif source.is_file() and source.suffix.lower() in (".yaml", ".yml", ".json"):
         raise RunError(f"{source}: a spec, not a trained run; give the run directory (or its adapter.safetensors)")
     else:
         adapter = source
     metadata = read_metadata(adapter)
     if "spec" not in metadata:
+        if spec_file is not None:
+            return load_spec(spec_file), adapter
         raise CheckpointError(f"{adapter}: holds no spec in its metadata (not an adaptkit adapter file); pass its run directory")
-    return load_spec(json.loads(metadata["spec"])), adapter
+    try:
+        stored = load_spec(stored_spec(json.loads(metadata["spec"]), str(adapter)))
+    except ValueError:
+        raise CheckpointError(f"{adapter}: the spec in its metadata is not valid JSON; the file is damaged") from None
+    if spec_file is None:
+        return stored, adapter
+    spec = load_spec(spec_file)
+    # spec.yaml may be edited (data paths on another machine), but not what the tensors mean
+    for key in ("methods", "task"):
+        if spec.to_dict()[key] != stored.to_dict()[key]:
+            raise RunError(
+                f"{source}: spec.yaml and adapter.safetensors disagree on {key} (the adapter's own spec says "
+                f"{json.dumps(stored.to_dict()[key])[:200]}); they come from different runs. Re-run it, or pass the adapter file"
+            )
+    return spec, adapter
 
 
 def load_trained(source: str | Path, registry: Any = None) -> nn.Module:
@@ -191,9 +206,11 @@ def leftover_task_tensors(model: nn.Module, result: NativeModel) -> dict[str, to
 
 
 def save_native(model: nn.Module, result: NativeModel, directory: str | Path) -> list[str]:
-    """Write a native model in its library's layout plus ``adaptkit_native.json`` (the recipe)."""
-    from adaptkit.checkpoint import save_tensors
+    """Write a native model in its library's layout plus ``adaptkit_native.json`` (the recipe).
+    Weights holding NaN or infinity (a merge that overflowed) are refused before anything is written."""
+    from adaptkit.checkpoint import refuse_non_finite, save_tensors
 
+    refuse_non_finite(result.model.state_dict(), f"the merged {model.adaptkit.spec.backbone.name} model")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     files = model.backbone.save_native(result.model, directory, result.recipe)

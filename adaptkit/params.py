@@ -18,10 +18,11 @@ class ComponentParams(BaseModel):
             rank: int = Field(8, gt=0)
 
     Unknown keys are errors (``extra="forbid"``), so a misspelled option never passes
-    silently.
+    silently, and numbers must be finite (``allow_inf_nan=False``; a field that means
+    "no limit" by infinity says ``Field(allow_inf_nan=True)``).
     """
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     name: str
 

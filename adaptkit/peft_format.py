@@ -300,7 +300,7 @@ def _readme(config: dict[str, Any], native: NativeModel, files: list[str], notes
 # ------------------------------------------------------------------ import
 def read_peft_dir(directory: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """The config and tensors of a PEFT LoRA directory (``base_model.model.`` stripped)."""
-    from adaptkit.checkpoint import load_tensors
+    from adaptkit.checkpoint import load_tensors, load_weights
 
     directory = Path(directory)
     config_path = directory / CONFIG_FILE
@@ -322,10 +322,7 @@ def read_peft_dir(directory: str | Path) -> tuple[dict[str, Any], dict[str, torc
     if weights.is_file():
         tensors = load_tensors(weights)[0]
     elif (directory / "adapter_model.bin").is_file():
-        try:
-            tensors = torch.load(str(directory / "adapter_model.bin"), map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise CheckpointError(f"{directory}/adapter_model.bin: cannot load as a weights-only torch file ({exc})") from None
+        tensors = load_weights(directory / "adapter_model.bin")
     else:
         raise CheckpointError(f"{directory}: no {WEIGHTS_FILE} or adapter_model.bin")
     stripped = {}
@@ -403,7 +400,7 @@ def import_peft(directory: str | Path, base_spec: Any = None, registry: Any = No
     """
     from adaptkit.builder import build
     from adaptkit.registry import registry as default_registry
-    from adaptkit.spec import RunSpec, load_spec
+    from adaptkit.spec import RunSpec, load_spec, stored_spec
 
     reg = registry or default_registry()
     directory = Path(directory)
@@ -415,7 +412,7 @@ def import_peft(directory: str | Path, base_spec: Any = None, registry: Any = No
                 f"{directory} was not exported by adaptkit (no {ADAPTKIT_FILE}); pass the spec of the base model it "
                 "belongs to (backbone, task, data), e.g. `adaptkit import DIR OUT --spec base.yaml`"
             )
-        base_spec = ours["spec"]
+        base_spec = stored_spec(ours["spec"], str(directory / ADAPTKIT_FILE))
     spec = load_spec(base_spec, registry=reg) if not isinstance(base_spec, RunSpec) else base_spec
     spec = load_spec({**spec.to_dict(), "methods": []}, registry=reg)
     record = _low_rank_record(reg, method)
@@ -496,9 +493,12 @@ def _adaptkit_info(directory: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
+        info = json.loads(path.read_bytes()[: 1 << 20])
     except ValueError:
         raise CheckpointError(f"{path}: not valid JSON") from None
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(info).__name__}")
+    return info
 
 
 def _whole_module_record(reg: Any) -> Any:

@@ -123,16 +123,16 @@ class Registry:
             source = f"package {dist.name}" if dist is not None else "entry point"
             try:
                 obj = ep.load()
-            except Exception as exc:  # a broken third-party plugin must not break the rest
-                self.failures.append(PluginFailure(ep.name, source, f"import failed: {type(exc).__name__}: {exc}"))
+            except (Exception, SystemExit) as exc:  # a broken third-party plugin (even one calling sys.exit) must not break the rest
+                self.failures.append(PluginFailure(ep.name, source, f"import failed: {_raised(exc)}"))
                 continue
             self._register_object(obj, ep.name, source)
 
     def _register_module(self, module: str, source: str, fatal: bool) -> None:
         try:
             obj = importlib.import_module(module)
-        except Exception as exc:
-            failure = PluginFailure(module, source, f"import failed: {type(exc).__name__}: {exc}")
+        except (Exception, SystemExit) as exc:
+            failure = PluginFailure(module, source, f"import failed: {_raised(exc)}")
             if fatal:
                 raise PluginError(str(failure)) from exc
             self.failures.append(failure)
@@ -183,10 +183,14 @@ class Registry:
             provider = self._pm.get_name(impl.plugin) or repr(impl.plugin)
             try:
                 result = impl.function()
-            except Exception as exc:
-                self._fail_provider(provider, f"{hook_name}() raised {type(exc).__name__}: {exc}")
+                if result is not None and (isinstance(result, (str, bytes, dict)) or not isinstance(result, Iterable)):
+                    self._fail_provider(provider, f"{hook_name}() returned {type(result).__name__}, expected a list of records")
+                    continue
+                records = list(result or [])  # a generator runs here: what it raises is the plugin's too
+            except (Exception, SystemExit) as exc:
+                self._fail_provider(provider, f"{hook_name}() raised {_raised(exc)}")
                 continue
-            yield provider, list(result or [])
+            yield provider, records
 
     def _fail_provider(self, provider: str, error: str) -> None:
         source = self._sources.get(provider, "plugin")
@@ -255,6 +259,13 @@ class Registry:
         if kind not in self._records:
             raise PluginError(f"unknown component kind '{kind}'{did_you_mean(kind, KINDS)}; kinds: {', '.join(KINDS)}")
         return self._records[kind]
+
+
+def _raised(exc: BaseException) -> str:
+    """What a plugin raised, for its failure line (``sys.exit(0)`` at import included)."""
+    if isinstance(exc, SystemExit):
+        return f"SystemExit: it called sys.exit({exc.code!r})"
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _params_problem(record: Record) -> str | None:

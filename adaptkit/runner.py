@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from adaptkit.errors import RunError
+from adaptkit.rundir import RunDirectory, write_json
 from adaptkit.spec import RunSpec, load_spec
-
-RUN_FILE = "run.json"
 
 
 @dataclass
@@ -29,49 +25,11 @@ def output_dir_for(spec: RunSpec) -> Path:
     return Path(spec.output.dir or Path("runs") / (spec.name or "run"))
 
 
-def claim_output_dir(spec: RunSpec, overwrite: bool = False) -> Path:
-    """Create the output directory, refusing one that holds another run.
-
-    A directory with a ``run.json`` is refused unless ``overwrite`` (or
-    ``output.overwrite``) is set, or ``train.resume`` continues the same spec.
-    """
-    out = output_dir_for(spec)
-    marker = out / RUN_FILE
-    if marker.exists():
-        try:
-            previous = json.loads(marker.read_text())
-        except (OSError, ValueError):
-            previous = {}
-        same = previous.get("spec_fingerprint") == spec.fingerprint()
-        if spec.train.resume and not same:
-            raise RunError(
-                f"{out} holds a run of a different spec; resume needs the spec that started it "
-                "(or choose another output.dir)"
-            )
-        if not (spec.train.resume or overwrite or spec.output.overwrite):
-            raise RunError(
-                f"{out} already holds a run ({previous.get('name', 'unnamed')}); pass --overwrite to replace it, "
-                "train.resume=true to continue it, or output.dir=... to write elsewhere"
-            )
-        if (overwrite or spec.output.overwrite) and not spec.train.resume:
-            stale = out / "checkpoint" / "state.safetensors"
-            if stale.exists():
-                stale.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    return out
-
-
 def method_names(spec: RunSpec, trainable: int) -> str:
     """The spec's methods for a header line; without any, what trains instead (the task's own parameters, or nothing)."""
     if spec.methods:
         return ", ".join(m.name for m in spec.methods)
     return "no method: the task's own parameters" if trainable else "no method: nothing trains"
-
-
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
 
 
 def run(spec: RunSpec | dict[str, Any] | str | Path, overrides: list[str] | None = None, overwrite: bool = False, log: Any = print) -> RunResult:
@@ -88,15 +46,8 @@ def run(spec: RunSpec | dict[str, Any] | str | Path, overrides: list[str] | None
     """
     import torch
 
-    from adaptkit import __version__
-    from adaptkit.builder import build, count_parameters, recommended
-    from adaptkit.checkpoint import save_adapter
-    from adaptkit.data import InputConfig, LoaderOptions
     from adaptkit.distributed import barrier, init_distributed, resolve_device
-    from adaptkit.plots import plot_curves
     from adaptkit.registry import registry as default_registry
-    from adaptkit.task import TaskModel
-    from adaptkit.train import Trainer, evaluate
 
     reg = default_registry()
     spec = load_spec(spec, overrides, registry=reg) if not (isinstance(spec, RunSpec) and not overrides) else spec
@@ -108,21 +59,38 @@ def run(spec: RunSpec | dict[str, Any] | str | Path, overrides: list[str] | None
     say = log if dist.main else (lambda *_: None)
 
     out = output_dir_for(spec)
-    if dist.main:
-        out = claim_output_dir(spec, overwrite)
+    # the old run stays as it was until this one has finished (see adaptkit.rundir)
+    with RunDirectory(out, spec.fingerprint(), resume=spec.train.resume, overwrite=overwrite or spec.output.overwrite,
+                      main=dist.main) as rundir:
+        barrier(dist)
+        files, final, model, trainable, total = _run_in(rundir, spec, reg, device, dist, say)
     barrier(dist)
+    metrics = {**{k: v for k, v in final.items()}, "trainable_params": trainable, "total_params": total,
+               "trainable_percent": 100 * trainable / max(1, total)}
+    return RunResult(metrics=metrics, output_dir=out, files=files, model=model)
+
+
+def _run_in(rundir: RunDirectory, spec: RunSpec, reg: Any, device: Any, dist: Any, say: Any) -> tuple[list[str], dict[str, Any], Any, int, int]:
+    """Build, train, evaluate and save into ``rundir.work``; returns (files, final metrics, model, trainable, total)."""
+    from adaptkit import __version__
+    from adaptkit.builder import build, count_parameters, recommended
+    from adaptkit.checkpoint import save_adapter
+    from adaptkit.data import InputConfig, LoaderOptions
+    from adaptkit.plots import plot_curves
+    from adaptkit.task import TaskModel
+    from adaptkit.train import STATE_FILE, Trainer, check_resumable, evaluate
 
     # build before marking the directory as a run: a spec that cannot build (missing weights,
     # bad data) leaves no half-started run behind that a second try would have to --overwrite
     model = build(spec, registry=reg, keep_data=True)
+    out = rundir.work
+    if spec.train.resume:
+        check_resumable(out / STATE_FILE)  # a damaged checkpoint: refused before run.json changes
     data = model.adaptkit.data
     preprocess = data.info.extra.get("preprocess")
-    if dist.main:
-        (out / "spec.yaml").write_text(spec.to_yaml())
-        _write_json(out / RUN_FILE, {"name": spec.name, "spec_fingerprint": spec.fingerprint(), "status": "running",
-                                     "adaptkit_version": __version__, "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                                     **({"preprocess": preprocess} if preprocess else {}),
-                                     **({"augment": data.info.extra["augment"]} if "augment" in data.info.extra else {})})
+    rundir.start(spec.to_yaml(), {"name": spec.name, "adaptkit_version": __version__,
+                                  **({"preprocess": preprocess} if preprocess else {}),
+                                  **({"augment": data.info.extra["augment"]} if "augment" in data.info.extra else {})})
     trainable, total = count_parameters(model)
     loader = LoaderOptions.of(spec.data, device)
     lr = recommended(spec, reg, "lr", 1e-3)
@@ -130,7 +98,7 @@ def run(spec: RunSpec | dict[str, Any] | str | Path, overrides: list[str] | None
     say(
         f"adaptkit {__version__}: {spec.backbone.name} + [{method_names(spec, trainable)}]"
         f" -> {spec.task.name} on {spec.data.name} | trainable {trainable:,} / {total:,} ({100 * trainable / max(1, total):.2f}%)"
-        f" | lr {lr:g} wd {weight_decay:g} | device {device}{f' x{dist.world}' if dist.enabled else ''} | {out}"
+        f" | lr {lr:g} wd {weight_decay:g} | device {device}{f' x{dist.world}' if dist.enabled else ''} | {rundir.out}"
     )
 
     if preprocess:
@@ -178,23 +146,18 @@ def run(spec: RunSpec | dict[str, Any] | str | Path, overrides: list[str] | None
             "adapter_bytes": (out / "adapter.safetensors").stat().st_size,
             "data_skipped": skipped,
         }
-        _write_json(out / "metrics.json", summary)
+        write_json(out / "metrics.json", summary)
         files.append("metrics.json")
         if plot_curves(history, out / "curves.png", model.primary_metric):
             files.append("curves.png")
-        marker = json.loads((out / RUN_FILE).read_text())
-        marker.update(status="done", finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
-                      key_metrics={f"{s}_{model.primary_metric}": summary[s].get(model.primary_metric) for s in ("val", "test")})
-        _write_json(out / RUN_FILE, marker)
+        rundir.finish({"key_metrics": {f"{s}_{model.primary_metric}": summary[s].get(model.primary_metric) for s in ("val", "test")}})
         for split in ("val", "test"):
             shown = ", ".join(f"{k} {int(v)}" if k == "count" else f"{k} {v:.4f}" for k, v in summary[split].items())
             if shown:
                 say(f"{split}: {shown}")
-        say(f"wrote {out}/: {', '.join(files)}")
-    barrier(dist)
-    metrics = {**{k: v for k, v in final.items()}, "trainable_params": trainable, "total_params": total,
-               "trainable_percent": 100 * trainable / max(1, total)}
-    return RunResult(metrics=metrics, output_dir=out, files=files, model=model)
+        say(f"wrote {rundir.out}/: {', '.join(files)}")
+    return files, final, model, trainable, total
+
 
 
 

@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from adaptkit.errors import RunError
+from adaptkit.errors import RunError, SpecError
+from adaptkit.rundir import read_marker
 
 
 @dataclass
@@ -48,30 +49,36 @@ def _read_json(path: Path) -> Any:
         return None
 
 
+def _mapping(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
 def read_run(path: str | Path) -> RunRecord:
     """Read one run directory; a clear error if it is not one."""
-    import yaml
+    from adaptkit.spec import read_yaml
 
     path = Path(path)
     marker = path / "run.json"
     if not marker.is_file():
         raise RunError(f"{path}: not a run directory (no run.json)")
-    info = _read_json(marker) or {}
+    info = read_marker(path) or {}
     try:
-        spec = yaml.safe_load((path / "spec.yaml").read_text()) if (path / "spec.yaml").exists() else {}
-    except yaml.YAMLError:
+        spec = read_yaml(path / "spec.yaml") if (path / "spec.yaml").exists() else {}
+    except SpecError:
         spec = {}
     history = []
     if (path / "metrics.jsonl").exists():
         for line in (path / "metrics.jsonl").read_text().splitlines():
             try:
-                history.append(json.loads(line))
+                record = json.loads(line)
             except ValueError:
                 continue
+            if isinstance(record, dict):
+                history.append(record)
     return RunRecord(
         path=path, name=info.get("name") or path.name, status=info.get("status", "unknown"),
-        started=info.get("started", ""), finished=info.get("finished", ""), spec=spec or {},
-        metrics=_read_json(path / "metrics.json") or {}, history=history,
+        started=str(info.get("started", "")), finished=str(info.get("finished", "")), spec=_mapping(spec),
+        metrics=_mapping(_read_json(path / "metrics.json")), history=history,
     )
 
 

@@ -17,20 +17,31 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
-from adaptkit.errors import PluginError, SpecError, did_you_mean
+from adaptkit.errors import CheckpointError, PluginError, SpecError, did_you_mean
 from adaptkit.params import ComponentParams
 
 #: Spec fields holding one component, and the registry kind of each.
 SINGLE_COMPONENTS = {"backbone": "backbone", "task": "task", "data": "data"}
 
 
+#: seeds go to torch, numpy and Python's random; torch takes 64 bits
+MAX_SEED = 2**63 - 1
+#: where a run may train: ``auto`` (cuda when present, else cpu), cpu, cuda, cuda:N, mps
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
 class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # a number a user writes is finite: inf (or 1e400) as a learning rate trains nothing
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+Beta = Annotated[float, Field(ge=0, lt=1)]
 
 
 class TrainSpec(StrictModel):
@@ -40,9 +51,9 @@ class TrainSpec(StrictModel):
     max_steps: int | None = Field(None, gt=0, description="optimizer steps; overrides epochs when set")
     batch_size: int = Field(64, gt=0, description="global batch per optimizer step")
     eval_batch_size: int | None = Field(None, gt=0)
-    lr: float | None = Field(None, gt=0, description="peak learning rate; default: the method's recommended rate")
+    lr: float | None = Field(None, gt=0, le=100, description="peak learning rate; default: the method's recommended rate")
     weight_decay: float | None = Field(None, ge=0, description="AdamW decoupled weight decay; default: the method's")
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[Beta, Beta] = Field((0.9, 0.999), description="AdamW's moment decay rates, each in [0, 1)")
     warmup: float = Field(0.05, ge=0, description="warm-up: a fraction of all steps when < 1, else a step count")
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
@@ -58,6 +69,13 @@ class TrainSpec(StrictModel):
     strategy: Literal["auto", "ddp", "fsdp"] = Field(
         "auto", description="under torchrun: ddp (a full copy per process) or fsdp (parameters sharded per block); auto = ddp"
     )
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        if not DEVICE_PATTERN.match(value):
+            raise ValueError(f"expected auto, cpu, cuda, cuda:N or mps, got {value!r}")
+        return value
 
     @model_validator(mode="after")
     def _check_accum(self) -> "TrainSpec":
@@ -78,7 +96,7 @@ class RunSpec(StrictModel):
 
     name: str | None = Field(None, description="run name; default: the YAML file's stem")
     description: str = ""
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     backbone: SerializeAsAny[ComponentParams]
     methods: list[SerializeAsAny[ComponentParams]] = Field(default_factory=list)
     task: SerializeAsAny[ComponentParams]
@@ -241,24 +259,128 @@ def validate_spec(data: Any, registry: Any = None, source: str | None = None) ->
 
 
 # --------------------------------------------------------------------- loading
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML spec file, turning every failure into a :class:`SpecError`."""
+#: a spec file is a page or two of YAML: beyond this it is a mistake (or an attack), not a spec
+MAX_SPEC_BYTES = 1 << 20
+#: how deep mappings and lists may nest in a spec (a real one nests 4 or 5 levels)
+MAX_YAML_DEPTH = 64
+#: how many values a spec may hold once its aliases are expanded (each alias counts its whole value)
+MAX_YAML_NODES = 100_000
+
+
+def load_yaml(text: str, source: str | None = None) -> Any:
+    """Parse YAML safely for a spec: no Python objects, no duplicate keys, bounded depth and alias expansion.
+
+    Raises :class:`SpecError` with the line and column of the problem.
+
+    Example::
+
+        >>> load_yaml("a: 1\na: 2")
+        SpecError: line 2, column 1: not valid YAML: duplicate key 'a' (first on line 1)
+    """
     import yaml
 
-    path = Path(path)
+    loader = None
     try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise SpecError("file not found", str(path)) from None
-    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
-        raise SpecError(f"cannot read: {exc}", str(path)) from None
-    try:
-        data = yaml.safe_load(text)
+        loader = _spec_loader()(text)  # (the reader refuses control characters here)
+        return loader.get_single_data()
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
-        raise SpecError(f"{where}not valid YAML: {problem}", str(path)) from None
+        raise SpecError(f"{where}not valid YAML: {problem}", source) from None
+    except RecursionError:  # nesting the composer's own recursion cannot take (the depth bound normally comes first)
+        raise SpecError(f"not valid YAML: nested deeper than {MAX_YAML_DEPTH} levels", source) from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+_LOADER: Any = None
+
+
+def _spec_loader() -> Any:
+    """yaml.SafeLoader with the limits of :func:`load_yaml` (built once, on first use: yaml loads lazily)."""
+    global _LOADER
+    if _LOADER is not None:
+        return _LOADER
+    import yaml
+    from yaml.constructor import ConstructorError
+    from yaml.composer import ComposerError
+
+    class SpecLoader(yaml.SafeLoader):
+        depth = 0
+
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            self.depth += 1
+            try:
+                if self.depth > MAX_YAML_DEPTH:
+                    raise ComposerError(None, None, f"nested deeper than {MAX_YAML_DEPTH} levels", self.peek_event().start_mark)
+                return super().compose_node(parent, index)
+            finally:
+                self.depth -= 1
+
+        def compose_document(self) -> Any:
+            node = super().compose_document()
+            size = _expanded_size(node, {})
+            if size is None:
+                raise ComposerError(None, None, "an alias refers to the value that holds it (a loop)", node.start_mark)
+            if size > MAX_YAML_NODES:
+                raise ComposerError(None, None, f"its aliases expand to more than {MAX_YAML_NODES:,} values "
+                                    "(an alias bomb?); write the values out", node.start_mark)
+            return node
+
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            if isinstance(node, yaml.MappingNode):
+                seen: dict[Any, Any] = {}
+                for key_node, _ in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge":
+                        continue
+                    key = self.construct_object(key_node, deep=True)
+                    try:
+                        first = seen.setdefault(key, key_node)
+                    except TypeError:
+                        continue  # an unhashable key: the base class says so
+                    if first is not key_node:
+                        raise ConstructorError(None, None, f"duplicate key {key!r} (first on line {first.start_mark.line + 1})",
+                                               key_node.start_mark)
+            return super().construct_mapping(node, deep)
+
+    _LOADER = SpecLoader
+    return _LOADER
+
+
+def _expanded_size(node: Any, sizes: dict[int, int | None]) -> int | None:
+    """How many nodes ``node`` becomes once every alias is written out (memoised: linear in the
+    document), or None when an alias refers to a value that holds it (it would never end)."""
+    if id(node) in sizes:
+        return sizes[id(node)]
+    sizes[id(node)] = None  # in progress: meeting it again below is a loop
+    children = node.value if isinstance(node.value, list) else []
+    total = 1
+    for child in children:
+        for part in child if isinstance(child, tuple) else (child,):
+            size = _expanded_size(part, sizes)
+            if size is None:
+                return None
+            total += size
+    sizes[id(node)] = total
+    return total
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML spec file (at most :data:`MAX_SPEC_BYTES`), turning every failure into a :class:`SpecError`."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as handle:  # never more than the limit, even of /dev/zero
+            raw = handle.read(MAX_SPEC_BYTES + 1)
+        text = raw.decode()
+    except FileNotFoundError:
+        raise SpecError("file not found", str(path)) from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
+        raise SpecError(f"cannot read: {exc}", str(path)) from None
+    if len(raw) > MAX_SPEC_BYTES:
+        raise SpecError(f"larger than {MAX_SPEC_BYTES >> 20} MB; a spec is a page of YAML (is this the right file?)", str(path))
+    data = load_yaml(text, str(path))
     if data is None:
         raise SpecError("the file is empty", str(path))
     if not isinstance(data, dict):
@@ -268,8 +390,6 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 def parse_value(text: str) -> Any:
     """Parse an override value: numbers (``1e-3`` too), booleans, null, lists, or a string."""
-    import yaml
-
     for convert in (int, float):
         try:
             value = convert(text)
@@ -279,8 +399,8 @@ def parse_value(text: str) -> Any:
             continue
         return value
     try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
+        return load_yaml(text)
+    except SpecError:
         return text
 
 
@@ -336,6 +456,14 @@ def _descend(node: Any, part: str | int, walked: list[Any], override: str, sourc
     return child
 
 
+def stored_spec(value: Any, where: str) -> dict[str, Any]:
+    """A spec kept inside a file (an adapter's metadata, ``adaptkit.json``): a mapping, never a path
+    to open (``"/dev/zero"`` would be read without end). A :class:`CheckpointError` otherwise."""
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{where}: the stored spec must be a mapping (backbone, task, data), got {type(value).__name__}")
+    return value
+
+
 def load_spec(path_or_dict: str | Path | dict[str, Any] | RunSpec, overrides: list[str] | None = None, registry: Any = None) -> RunSpec:
     """Load and validate a spec from a YAML path, a dict or a RunSpec, with overrides.
 
@@ -363,7 +491,7 @@ def load_spec(path_or_dict: str | Path | dict[str, Any] | RunSpec, overrides: li
 # --------------------------------------------------------------------- schema
 def json_schema(registry: Any = None) -> dict[str, Any]:
     """JSON Schema of RunSpec with every registered component's params, for editors."""
-    from typing import Annotated, Union
+    from typing import Union
 
     from pydantic import create_model
 
@@ -385,7 +513,7 @@ def json_schema(registry: Any = None) -> dict[str, Any]:
         __base__=StrictModel,
         name=(str | None, None),
         description=(str, ""),
-        seed=(int, 0),
+        seed=(int, Field(0, ge=0, le=MAX_SEED)),
         backbone=(union("backbone"), ...),
         methods=(list[union("method")], []),
         task=(union("task"), ...),

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from adaptkit.checkpoint import load_tensors, save_tensors
+from adaptkit.checkpoint import first_non_finite, load_tensors, save_tensors
 from adaptkit.data import BatchDataset, DataBundle, LoaderOptions, PlannedLoader, SequentialPlan, to_device
 from adaptkit.distributed import DistInfo, full_tensor, like, shard_model, unshard_for_good, unsharded_root
 from adaptkit.errors import CheckpointError, RunError
@@ -281,6 +281,7 @@ class Trainer:
         model.finish_training()
         if self.fsdp:
             unshard_for_good(model)
+        check_finite_state({name: p for name, p in model.named_parameters() if p.requires_grad}, self.total_steps)
         result.steps = self.total_steps
         result.seconds = elapsed + time.perf_counter() - started
         return result
@@ -333,6 +334,7 @@ class Trainer:
                     value = full_tensor(value)
                     tensors[f"optim.{i}.{key}"] = value.reshape(value.shape) if value.ndim else value.reshape(1)
         tensors.update({f"task.{name}": full_tensor(t) for name, t in self.model.extra_state().items()})
+        check_finite_state(tensors, step)  # whole tensors on every process; the last good checkpoint stays
         if not self.dist.main:
             return
         tensors["rng.torch"] = torch.get_rng_state()
@@ -354,15 +356,19 @@ class Trainer:
         path = self.output_dir / STATE_FILE
         if not path.exists():
             return None
-        tensors, meta = load_tensors(path)
-        if meta.get("spec_fingerprint") and self.spec_fingerprint and meta["spec_fingerprint"] != self.spec_fingerprint:
+        tensors, raw = load_tensors(path)
+        meta = state_metadata(raw, path)
+        if meta["spec_fingerprint"] and self.spec_fingerprint and meta["spec_fingerprint"] != self.spec_fingerprint:
             raise CheckpointError(
                 f"{path}: the checkpoint belongs to a different spec; resume with the spec that started the run, "
                 "or choose another output.dir"
             )
-        names = json.loads(meta["param_names"])
+        names = meta["param_names"]
         if names != [name for name, _ in self.trainable]:
             raise CheckpointError(f"{path}: the checkpoint's trainable tensors differ from this model's")
+        lacking = [key for key in [*(f"param.{name}" for name in names), "rng.torch"] if key not in tensors]
+        if lacking:
+            raise CheckpointError(f"{path}: the checkpoint lacks {lacking[0]}; it is damaged (start again with --overwrite)")
         with torch.no_grad():
             for name, p in self.trainable:
                 p.copy_(like(tensors[f"param.{name}"], p))
@@ -381,14 +387,7 @@ class Trainer:
         torch.set_rng_state(tensors["rng.torch"])
         if "rng.cuda" in tensors and self.device.type == "cuda":
             torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
-        return (
-            int(meta["step"]),
-            json.loads(meta["history"]),
-            float(meta["loss_sum"]),
-            int(meta["loss_count"]),
-            float(meta["elapsed"]),
-            int(meta.get("skipped", 0)),
-        )
+        return meta["step"], meta["history"], meta["loss_sum"], meta["loss_count"], meta["elapsed"], meta["skipped"]
 
     def _rewrite_history(self, history: list[dict[str, Any]]) -> None:
         path = self.output_dir / "metrics.jsonl"
@@ -397,6 +396,51 @@ class Trainer:
     def _append_history(self, record: dict[str, Any]) -> None:
         with open(self.output_dir / "metrics.jsonl", "a") as handle:
             handle.write(json.dumps(record) + "\n")
+
+
+# ----------------------------------------------------------------- checks
+#: what a checkpoint's metadata holds: how each value is read back, and what it must then be
+_STATE_KEYS: dict[str, tuple[Callable[[str], Any], type]] = {
+    "step": (int, int), "history": (json.loads, list), "loss_sum": (float, float), "loss_count": (int, int),
+    "elapsed": (float, float), "param_names": (json.loads, list), "skipped": (int, int),
+}
+#: keys older checkpoints lack, and the value they stand for
+_STATE_DEFAULTS = {"skipped": "0"}
+
+
+def state_metadata(raw: dict[str, str], path: Path) -> dict[str, Any]:
+    """The parsed metadata of a checkpoint (step, history, ...); a :class:`CheckpointError` naming a damaged key."""
+    meta: dict[str, Any] = {"spec_fingerprint": raw.get("spec_fingerprint", "")}
+    raw = {**_STATE_DEFAULTS, **raw}
+    for key, (read, kind) in _STATE_KEYS.items():
+        if key not in raw:
+            raise CheckpointError(f"{path}: the checkpoint's metadata lacks '{key}'; it is damaged (start again with --overwrite)")
+        try:
+            value = read(raw[key])
+        except (TypeError, ValueError):
+            value = None
+        if not isinstance(value, kind) or (kind is not list and not math.isfinite(value)) or (key in ("step", "skipped") and value < 0):
+            raise CheckpointError(f"{path}: the checkpoint's metadata '{key}' is damaged ({raw[key][:60]!r}); start again with --overwrite")
+        meta[key] = value
+    if not all(isinstance(record, dict) for record in meta["history"]):
+        raise CheckpointError(f"{path}: the checkpoint's metadata 'history' is damaged; start again with --overwrite")
+    return meta
+
+
+def check_resumable(path: Path) -> None:
+    """Refuse a checkpoint that cannot be resumed (damaged file or metadata) before anything is written; none is fine."""
+    if path.exists():
+        state_metadata(load_tensors(path)[1], path)
+
+
+def check_finite_state(tensors: dict[str, torch.Tensor], step: int) -> None:
+    """Refuse to keep trained tensors holding NaN or infinity: a :class:`RunError` naming the step and a tensor."""
+    name = first_non_finite({key: tensor.detach() for key, tensor in tensors.items()})
+    if name is not None:
+        raise RunError(
+            f"the trained tensors became NaN or infinite at step {step} (e.g. {name}); nothing was saved from that "
+            "step, the last good checkpoint is kept. Lower train.lr or enable train.grad_clip"
+        )
 
 
 @torch.no_grad()

@@ -11,18 +11,17 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import shutil
-import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from adaptkit.errors import DataError, RunError
+from adaptkit.spec import DEVICE_PATTERN, MAX_SEED
+from adaptkit.rundir import create_temp_dir, create_temp_file, read_marker
 
 RUN_MARKERS = ("run.json", "spec.yaml", "adapter.safetensors")
 MAX_IMAGE_SIDE = 8192  # pixels of one written image: --scale beyond this is a typo, not a wish
-DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
 def holds_run(directory: Path) -> bool:
@@ -36,13 +35,10 @@ def written_by_adaptkit(directory: Path) -> bool:
     Stricter than :func:`holds_run` on purpose: a user's folder that merely holds a file
     named ``spec.yaml`` is written into, never removed.
     """
-    import json
-
     try:
-        run = json.loads((directory / "run.json").read_text())
-    except (OSError, ValueError):
+        return read_marker(directory) is not None
+    except RunError:
         return False
-    return isinstance(run, dict) and "spec_fingerprint" in run
 
 
 def _resolved(path: str | Path) -> Path:
@@ -67,8 +63,13 @@ def check_sources_apart(out: str | Path, sources: Iterable[str | Path], flag: st
 
 
 def check_device(device: str, flag: str = "--device") -> None:
-    if not DEVICE.match(str(device)):
+    if not DEVICE_PATTERN.match(str(device)):
         raise RunError(f"{flag} {device!r}: expected auto, cpu, cuda, cuda:N or mps")
+
+
+def check_seed(seed: int, flag: str = "--seed") -> None:
+    if not 0 <= seed <= MAX_SEED:
+        raise RunError(f"{flag} must be >= 0 and < 2**63, got {seed}")
 
 
 def check_finite(value: float | None, flag: str, low: float | None = None, high: float | None = None) -> None:
@@ -121,8 +122,7 @@ def check_png_outputs(out: str | Path, flag: str, overwrite: bool, beside: Itera
 def atomic_png(save: object, path: Path, *args: object, **kwargs: object) -> Path:
     """Call ``save(images, tmp_path, ...)`` and rename the result over ``path`` (never a half-written PNG)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
+    tmp = create_temp_file(path, ".png")
     try:
         save(*args[:1], Path(tmp), *args[1:], **kwargs)  # type: ignore[operator]
         os.replace(tmp, path)
@@ -154,11 +154,11 @@ def staged_output(out: str | Path, flag: str, overwrite: bool, sources: Iterable
     """
     out = check_output_dir(out, flag, overwrite, sources)
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    staging = create_temp_dir(out.parent, f".{out.name}.partial-")
     try:
         yield staging
         if out.is_dir() and written_by_adaptkit(out):
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            old = create_temp_dir(out.parent, f".{out.name}.old-")
             os.replace(out, old / "run")
             os.replace(staging, out)
             shutil.rmtree(old, ignore_errors=True)
@@ -189,22 +189,18 @@ def check_image_file(path: str | Path, flag: str, channels: int | None, size: tu
     whose aspect ratio differs from the model's (resizing would distort it). Returns a
     note when the image will be resized or converted, or None.
     """
-    from PIL import Image, UnidentifiedImageError
+    from adaptkit.images import open_image
 
     path = Path(path)
     if not path.exists():
         raise DataError(f"{flag} {path}: file not found")
     if not path.is_file():
         raise DataError(f"{flag} {path}: not a file")
-    try:
-        with Image.open(path) as image:
-            image.load()
-            mode, (width, height) = image.mode, image.size
-            alpha = None
-            if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in image.info):
-                alpha = image.convert("RGBA").getchannel("A").getextrema()
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise DataError(f"{flag} {path}: cannot read the image ({str(exc).splitlines()[0][:160]})") from None
+    image = open_image(path, flag)
+    mode, (width, height) = image.mode, image.size
+    alpha = None
+    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in image.info):
+        alpha = image.convert("RGBA").getchannel("A").getextrema()
     if mode in HIGH_BIT_MODES:
         raise DataError(f"{flag} {path}: a {mode} (16-bit or float) image; save it as 8-bit grayscale or RGB")
     if alpha is not None and alpha[0] < 255:

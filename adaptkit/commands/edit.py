@@ -106,12 +106,10 @@ def _alphas(text: str | None) -> list[float] | None:
 
 
 def _check_outputs(args: argparse.Namespace) -> Path:
-    from adaptkit.commands._outputs import check_png_outputs
-    from adaptkit.errors import RunError
+    from adaptkit.commands._outputs import check_png_outputs, check_seed
 
     for seed in args.seed or []:
-        if seed < 0:
-            raise RunError(f"--seed must be >= 0, got {seed}")
+        check_seed(seed)
     out = Path(args.out)
     beside = [out.with_suffix(".json"), out.with_name(out.stem + "_w.safetensors")]
     sources = [*(args.image or []), *([args.w_file] if args.w_file else [])]

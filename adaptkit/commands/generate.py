@@ -34,7 +34,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> int:
     from adaptkit.commands._outputs import (
-        MAX_IMAGE_SIDE, atomic_png, check_device, check_finite, check_image_file, check_png_outputs,
+        MAX_IMAGE_SIDE, atomic_png, check_device, check_finite, check_image_file, check_png_outputs, check_seed,
     )
     from adaptkit.errors import CompatibilityError, RunError
     from adaptkit.images import save_grid, save_images
@@ -47,8 +47,7 @@ def main(args: argparse.Namespace) -> int:
         raise RunError(f"--scale must be at least 1, got {args.scale}")
     if args.batch_size is not None and args.batch_size < 1:
         raise RunError(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.seed < 0:
-        raise RunError(f"--seed must be >= 0, got {args.seed}")
+    check_seed(args.seed)
     check_finite(args.guidance, "--guidance", low=0)
     check_finite(args.eta, "--eta", low=0, high=1)
     check_device(args.device)

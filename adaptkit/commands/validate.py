@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -15,12 +16,16 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> int:
     from adaptkit.compat import check_spec
-    from adaptkit.errors import AdaptkitError, CompatibilityError
+    from adaptkit.errors import AdaptkitError, CompatibilityError, SpecError
     from adaptkit.registry import registry
 
     reg = registry()
-    files = [f for f in args.files if "=" not in f]
-    overrides = [f for f in args.files if "=" in f] + list(args.overrides)
+    # an argument naming an existing file is a file (`a=b.yaml` too); other key=value ones are overrides
+    files = [f for f in args.files if "=" not in f or Path(f).is_file()]
+    overrides = [f for f in args.files if f not in files] + list(args.overrides)
+    if not files:
+        raise SpecError(f"no spec file to validate (got only overrides: {' '.join(overrides)}); "
+                        "give a YAML file first, e.g. adaptkit validate spec.yaml train.lr=1e-3")
     failed = 0
     for path in files:
         try:

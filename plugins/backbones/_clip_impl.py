@@ -240,7 +240,7 @@ class ClipBackbone(ClipNative, Backbone):
         if source.is_dir():
             found = next((source / f for f in DIR_FILES if (source / f).is_file()), None)
             source = found or source
-        state = load_weights(source)
+        state = load_weights(source, "backbone.pretrained")
         for prefix in OWN_PREFIXES:
             if any(k.startswith(prefix) for k in state):
                 state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from adaptkit.checkpoint import load_weights
+from adaptkit.checkpoint import load_weights, refuse_non_finite
 from adaptkit.errors import CheckpointError, PluginError, did_you_mean
 
 
@@ -83,9 +83,7 @@ def from_directory(folder: Path, family: tuple[str, ...], where: str) -> nn.Modu
 
 def check_finite_weights(state: dict[str, torch.Tensor], where: str) -> None:
     """Refuse weights holding NaN or infinity (a damaged file, or a diverged run)."""
-    for key, tensor in state.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise CheckpointError(f"{where}: {key} holds NaN or infinite values; the weights are damaged")
+    refuse_non_finite(state, where)
 
 
 #: ``org/name``: a Hugging Face repository id (when no such local path exists)
@@ -128,7 +126,7 @@ def load_into(
     diffusers state dicts (the native model's names, stored here under ``native_prefix``).
     ``only`` limits the tensors the file may hold to these name prefixes.
     """
-    state = load_weights(path)
+    state = load_weights(path, where)
     if any(k.startswith("backbone.") for k in state):
         state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
     own = module.state_dict()

@@ -53,13 +53,13 @@ def create(params: Any, ctx: Any, family: str, expected: type[nn.Module]) -> nn.
         )
     try:
         net = timm.create_model(name, pretrained=use_hub, **kwargs)
-    except (OSError, RuntimeError, ValueError) as exc:
-        if use_hub:
+    except Exception as exc:  # kwargs timm rejects raise TypeError, ValueError, AssertionError...: none is a traceback
+        if use_hub and isinstance(exc, (OSError, RuntimeError, ValueError)):
             raise CheckpointError(
                 f"backbone.pretrained: could not fetch '{name}' from the hub ({type(exc).__name__}: {str(exc)[:160]}); "
                 "without a network, pass a local weights file instead"
             ) from None
-        raise PluginError(f"backbone: timm could not create '{arch}' with {kwargs}: {exc}") from None
+        raise PluginError(f"backbone: timm could not create '{arch}' with {kwargs}: {type(exc).__name__}: {exc}") from None
     if not isinstance(net, expected):
         raise PluginError(
             f"backbone.model: '{params.model}' is a timm {type(net).__name__}, not a {expected.__name__}; "
@@ -148,7 +148,7 @@ def load_local(net: nn.Module, path: str) -> None:
     Accepts timm's own key names and adaptkit checkpoints (``backbone.net.*``); a
     file lacking backbone weights, or holding foreign tensors, is a clear error.
     """
-    state = load_weights(path)
+    state = load_weights(path, "backbone.pretrained")
     for prefix in OWN_PREFIXES:
         if any(k.startswith(prefix) for k in state):
             state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}

@@ -317,13 +317,17 @@ class SampleReader:
 def decode(opener: Callable[[], Any], where: str) -> Any:
     """Open and fully decode an image (truncated files fail here, not later), mapping every
     way it can fail, including PIL's decompression-bomb guard, to a :class:`SampleError`."""
+    import warnings
+
     from PIL import Image
 
     try:
-        image = Image.open(opener())
-        image.load()
+        with warnings.catch_warnings():  # past the limit (the warning) too, as adaptkit.images.open_image
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(opener())
+            image.load()
         return image
-    except Image.DecompressionBombError as exc:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise SampleError(f"{where}: larger than PIL's decompression-bomb limit ({exc})") from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:  # PIL's ways of saying "not an image" / "truncated"
         raise SampleError(f"{where}: cannot read the image ({type(exc).__name__}: {str(exc)[:160]})") from None

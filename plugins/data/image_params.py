@@ -93,7 +93,7 @@ class ImageDataParams(LoaderParams):
     split: tuple[float, float, float] = Field(
         (0.7, 0.15, 0.15), description="train/val/test fractions (stratified by class)"
     )
-    split_seed: int = Field(0, description="seed of the split (the same split across runs and seeds)")
+    split_seed: int = Field(0, ge=0, lt=2**32, description="seed of the split (the same split across runs and seeds)")
     image_size: int | None = Field(None, gt=0, le=2048, description="resize to this size; default: the backbone's input size")
     channels: int | None = Field(None, description="1 or 3; default: the backbone's input channels")
     shift: int = Field(0, ge=0, le=64, description="training augmentation: random shifts of up to this many (source) pixels")

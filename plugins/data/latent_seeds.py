@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from adaptkit.hookspecs import hookimpl
 from adaptkit.params import ComponentParams
@@ -26,6 +26,13 @@ class LatentSeedsParams(ComponentParams):
     train: int = Field(512, gt=0, description="number of training seeds")
     val: int = Field(16, ge=0, description="number of validation seeds (after the training ones)")
     test: int = Field(16, ge=0, description="number of test seeds (after the validation ones)")
+
+    @model_validator(mode="after")
+    def _seeds_fit(self) -> LatentSeedsParams:
+        last = self.first + self.train + self.val + self.test - 1
+        if last >= 2**63:  # a torch.long seed, the same bound as ``adaptkit edit --seed``
+            raise ValueError(f"the seeds run from first={self.first} to {last}, past 2**63 - 1; choose a smaller first")
+        return self
 
 
 def load_latent_seeds(params: LatentSeedsParams, ctx: Any) -> Any:
