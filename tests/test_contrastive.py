@@ -12,8 +12,8 @@ torch = pytest.importorskip("torch")
 import adaptkit  # noqa: E402
 from adaptkit.builder import build  # noqa: E402
 from adaptkit.errors import DataError  # noqa: E402
-from adaptkit_plugins.data.digits_captions import DIGIT_WORDS, WORDINGS, caption  # noqa: E402
-from adaptkit_plugins.tasks._contrastive_impl import clip_loss  # noqa: E402
+from adaptkit_plugins.clip.digits_captions import DIGIT_WORDS, WORDINGS, caption  # noqa: E402
+from adaptkit_plugins.clip._contrastive_impl import clip_loss  # noqa: E402
 from tests.cli_helpers import torchrun  # noqa: E402
 
 

@@ -194,7 +194,7 @@ def test_what_cannot_leave_a_diffusion_run_is_a_clear_error(tmp_path):
 def test_stylegan2_lora_merges_into_a_rosinality_layout_generator_file(tmp_path):
     from safetensors.torch import load_file
 
-    from adaptkit_plugins.backbones._stylegan2_impl import StyleGan2Backbone, build_generator
+    from adaptkit_plugins.stylegan.generator import StyleGan2Backbone, build_generator
 
     sg = {"name": "sg", "backbone": {"name": "stylegan2", "model": "stylegan2_tiny_8"},
           "methods": [{"name": "lora", "rank": 2, "targets": ["conv", "mlp.in"]}],

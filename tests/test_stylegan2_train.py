@@ -7,7 +7,7 @@ import torch
 
 import adaptkit
 from adaptkit.errors import DataError
-from adaptkit_plugins.backbones._stylegan2_impl import read_generator_file
+from adaptkit_plugins.stylegan.generator import read_generator_file
 
 
 def gan_spec(tmp_path, **task) -> dict:

@@ -13,7 +13,7 @@ import adaptkit  # noqa: E402
 from adaptkit.backbone import Backbone  # noqa: E402
 from adaptkit.builder import build  # noqa: E402
 from adaptkit.errors import DataError  # noqa: E402
-from adaptkit_plugins.tasks._zero_shot_impl import ZeroShotModel  # noqa: E402
+from adaptkit_plugins.clip._zero_shot_impl import ZeroShotModel  # noqa: E402
 
 
 class VectorBackbone(Backbone):

@@ -132,8 +132,8 @@ def main(args: argparse.Namespace) -> int:
     from adaptkit.commands._outputs import atomic_png, check_image_file
     from adaptkit.distributed import resolve_device
     from adaptkit.errors import RunError
-    from adaptkit_plugins.tasks._clip_edit_impl import image_tensor
-    from adaptkit_plugins.tasks._stylegan_images import save_strips
+    from adaptkit_plugins.stylegan._clip_edit_impl import image_tensor
+    from adaptkit_plugins.stylegan.images import save_strips
 
     out = _check_outputs(args)
     alphas = _alphas(args.alphas)

@@ -41,7 +41,7 @@ def list_images(folder: Any) -> list[str]:
 
 
 class FileReader:
-    """Image files by index (see :class:`adaptkit_plugins.data._images.SampleReader`)."""
+    """Image files by index (see :class:`adaptkit_plugins.data.image_samples.SampleReader`)."""
 
     def __init__(self, paths: list[str], expect_size: tuple[int, int] | None = None) -> None:
         self.paths, self.expect_size = paths, expect_size
@@ -50,7 +50,7 @@ class FileReader:
         return len(self.paths)
 
     def image(self, i: int) -> Any:
-        from adaptkit_plugins.data._images import decode
+        from adaptkit_plugins.data.image_samples import decode
 
         path = self.paths[i]
         image = decode(lambda: path, path)
@@ -73,7 +73,7 @@ def read_images(paths: list[Any], mode: str, size: tuple[int, int] | None, resiz
     from PIL import Image
 
     from adaptkit.errors import DataError
-    from adaptkit_plugins.data._images import SampleError, decode
+    from adaptkit_plugins.data.image_samples import SampleError, decode
 
     arrays = []
     for path in paths:
@@ -97,7 +97,7 @@ def load_image_folder(params: ImageFolderParams, ctx: Any) -> Any:
     import numpy as np
 
     from adaptkit.errors import DataError
-    from adaptkit_plugins.data._images import few_shot, input_config, lazy_bundle, stratified_split
+    from adaptkit_plugins.data.image_samples import few_shot, input_config, lazy_bundle, stratified_split
 
     root = Path(params.root)
     if not root.is_dir():

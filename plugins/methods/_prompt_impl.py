@@ -11,7 +11,7 @@ from torch import nn
 from adaptkit.errors import CompatibilityError
 from adaptkit.method import AppliedMethod
 from adaptkit.surface import AttentionSite, PromptSource, Surface, Tower
-from adaptkit_plugins.methods._common import attach, host, towers_with
+from adaptkit_plugins.methods.common import attach, host, towers_with
 from adaptkit_plugins.methods.prompt import sites_needed
 
 
