@@ -152,7 +152,7 @@ class AdapterSet:
             self._broken = f"adapter '{name}' holds method '{bad[0]}', which cannot be switched off"
             raise CompatibilityError(
                 f"adapter '{name}': method '{bad[0]}' cannot be switched off and on, so it cannot be one of several "
-                "adapters (lora and adapter can); in Python, this AdapterSet's model now holds it: start a new one"
+                "adapters (switchable methods can); in Python, this AdapterSet's model now holds it: start a new one"
             )
         try:
             task_state = {n: t.clone() for n, t in self._base_task_state.items()}

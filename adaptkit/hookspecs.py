@@ -7,16 +7,24 @@ third-party ones declare their module under the ``adaptkit`` entry-point group::
     [project.entry-points.adaptkit]
     my_plugin = "my_package.adaptkit_plugin"
 
-Every hook takes no arguments and returns a list of typed records
+Registration hooks take no arguments and return a list of typed records
 (:mod:`adaptkit.records`). Records are data, not instances: keep hook bodies cheap
 and import heavy libraries (torch, timm, ...) inside the factories.
+
+Lifecycle hooks take arguments, as pytest's do (a plugin's function may declare only
+those it uses): ``adaptkit_commands`` adds subcommands to the command line.
 """
 
 from __future__ import annotations
 
 import pluggy
 
+from typing import TYPE_CHECKING
+
 from adaptkit.records import BackboneRecord, DataRecord, MethodRecord, PresetRecord, TaskRecord
+
+if TYPE_CHECKING:
+    from adaptkit.commands import Commands
 
 PROJECT = "adaptkit"
 
@@ -90,4 +98,22 @@ def adaptkit_presets() -> list[PresetRecord]:
         def adaptkit_presets():
             return [PresetRecord(name="convnext_tiny_digits", backbone="convnext",
                                  config={"arch": "convnext_atto", "kwargs": {"in_chans": 1}})]
+    """
+
+
+@hookspec
+def adaptkit_commands(commands: Commands) -> None:
+    """Add subcommands to ``adaptkit``. Called when the command line is built.
+
+    ``commands.add(name, main=..., help=...)`` returns the new command's
+    ``argparse.ArgumentParser``; add its flags to it. ``main(args)`` runs when the command is
+    given and returns the exit status; raise an :class:`~adaptkit.errors.AdaptkitError` for a
+    user error (printed as one line, exit 2). Keep this cheap: import heavy libraries in
+    ``main``. A name already taken is an error naming both providers::
+
+        @hookimpl
+        def adaptkit_commands(commands):
+            p = commands.add("edit", main=run_edit, help="edit StyleGAN images towards a prompt")
+            p.add_argument("spec")
+            p.add_argument("--prompt")
     """

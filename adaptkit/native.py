@@ -150,7 +150,7 @@ def merge_to_native(model: nn.Module, directory: str | Path | None = None) -> Na
         if not method.mergeable:
             raise CompatibilityError(
                 f"method '{method.name}' cannot be merged into the base weights; only mergeable methods "
-                "(lora, full) make a plain model"
+                "make a plain model"
             )
     check_native_reach(model)
     added = added_tensor_ids(model)

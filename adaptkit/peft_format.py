@@ -369,13 +369,13 @@ def _pattern_value(patterns: dict[str, Any], name: str, default: Any) -> Any:
 
 def _split_lora(tensors: dict[str, torch.Tensor], modules_to_save: list[str]) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
     """{module: {"A": .., "B": ..}} and the modules_to_save tensors, by native names."""
-    lora: dict[str, dict[str, torch.Tensor]] = {}
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
     saved: dict[str, torch.Tensor] = {}
     pattern = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
     for key, value in tensors.items():
         match = pattern.match(key)
         if match:
-            lora.setdefault(match["module"], {})[match["which"]] = value
+            pairs.setdefault(match["module"], {})[match["which"]] = value
             continue
         clean = re.sub(r"\.modules_to_save(\.[^.]+)?\.", ".", key)
         module = clean.rsplit(".", 1)[0]
@@ -383,10 +383,10 @@ def _split_lora(tensors: dict[str, torch.Tensor], modules_to_save: list[str]) ->
             saved[clean] = value
         else:
             raise CheckpointError(f"PEFT tensor '{key}' is neither a LoRA factor nor part of modules_to_save {modules_to_save}")
-    for module, pair in lora.items():
+    for module, pair in pairs.items():
         if set(pair) != {"A", "B"}:
             raise CheckpointError(f"PEFT module '{module}' has lora_{next(iter(pair))} but not its partner")
-    return lora, saved
+    return pairs, saved
 
 
 def import_peft(directory: str | Path, base_spec: Any = None, registry: Any = None, method: str | None = None, check_base: bool = True) -> nn.Module:
@@ -423,13 +423,13 @@ def import_peft(directory: str | Path, base_spec: Any = None, registry: Any = No
             f"this spec's base is {base.adaptkit.base_fingerprint}); give the spec of the base it was trained on"
         )
     native = native_copy(base)
-    lora, saved = _split_lora(tensors, list(config.get("modules_to_save") or []))
+    pairs, saved = _split_lora(tensors, list(config.get("modules_to_save") or []))
     by_native = _our_layers(base)
     use_rslora = bool(config.get("use_rslora", False))
     default_alpha = float(config.get("lora_alpha", 8))
     layers: dict[str, tuple[int, float]] = {}
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    for module, pair in lora.items():
+    for module, pair in pairs.items():
         alpha = float(_pattern_value(config.get("alpha_pattern") or {}, module.replace(".base_layer.out_proj", ""), default_alpha))
         native_name = _native_layer_name(native.model, module)
         if native_name not in by_native:

@@ -9,9 +9,41 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from adaptkit.params import ComponentParams
+
+if TYPE_CHECKING:  # torch-free at run time: records are listed without building anything
+    from adaptkit.backbone import Backbone
+    from adaptkit.builder import BuildContext
+    from adaptkit.data import DataBundle, DataInfo
+    from adaptkit.method import AppliedMethod
+    from adaptkit.surface import Surface
+    from adaptkit.task import TaskModel
+
+
+class BackboneFactory(Protocol):
+    """``factory(params, ctx) -> Backbone``: build the backbone the params describe."""
+
+    def __call__(self, params: Any, ctx: BuildContext, /) -> Backbone: ...
+
+
+class MethodFactory(Protocol):
+    """``factory(params, surface, ctx) -> AppliedMethod``: apply the method to the surface's sites."""
+
+    def __call__(self, params: Any, surface: Surface, ctx: BuildContext, /) -> AppliedMethod: ...
+
+
+class TaskFactory(Protocol):
+    """``factory(params, backbone, data_info, ctx) -> TaskModel``: the task's model around the backbone."""
+
+    def __call__(self, params: Any, backbone: Backbone, data_info: DataInfo, ctx: BuildContext, /) -> TaskModel: ...
+
+
+class DataFactory(Protocol):
+    """``factory(params, ctx) -> DataBundle``: the data source's splits (lazily read)."""
+
+    def __call__(self, params: Any, ctx: BuildContext, /) -> DataBundle: ...
 
 #: Site kinds a tower can offer (see design.md, "the adaptation surface").
 SITE_KINDS = ("layers", "blocks", "attention", "tokens", "text")
@@ -57,6 +89,7 @@ class BackboneRecord(Record):
     backbone, e.g. ``{"image_features"}`` for ``encode_image``.
     """
 
+    factory: BackboneFactory
     towers: Mapping[str, TowerInfo] | Callable[[Any], Mapping[str, TowerInfo]] = field(default_factory=dict)
     capabilities: frozenset[str] = frozenset()
     kind: ClassVar[str] = "backbone"
@@ -87,6 +120,7 @@ class MethodRecord(Record):
     backbone modules of ``modules_to_save``.
     """
 
+    factory: MethodFactory
     check: Callable[[Any, str, Mapping[str, TowerInfo]], list[str]] | None = None
     recommended: Mapping[str, float] = field(default_factory=dict)
     for_layers: Callable[..., ComponentParams] | None = None
@@ -102,6 +136,7 @@ class TaskRecord(Record):
     data bundle it trains on (``"labelled_images"``, ...).
     """
 
+    factory: TaskFactory
     needs: frozenset[str] = frozenset()
     data_kinds: frozenset[str] = frozenset()
     kind: ClassVar[str] = "task"
@@ -114,6 +149,7 @@ class DataRecord(Record):
     ``provides`` is the kind of bundle it yields (``"labelled_images"``, ...).
     """
 
+    factory: DataFactory
     provides: str = "labelled_images"
     kind: ClassVar[str] = "data"
 

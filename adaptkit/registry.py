@@ -12,6 +12,7 @@ import fnmatch
 import importlib
 import importlib.metadata
 import os
+import sys
 import typing
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -21,7 +22,7 @@ from typing import Any
 import pluggy
 
 from adaptkit import hookspecs
-from adaptkit.errors import PluginError, did_you_mean
+from adaptkit.errors import AdaptkitError, PluginError, did_you_mean
 from adaptkit.params import ComponentParams
 from adaptkit.records import RECORD_TYPES, PresetRecord, Record
 
@@ -152,7 +153,7 @@ class Registry:
             self._pm.check_pending()
         except pluggy.PluginValidationError as exc:
             self._pm.unregister(obj)
-            known = list(_HOOK_OF_KIND.values()) + ["adaptkit_presets"]
+            known = hook_names()
             bad = [h for h in dir(obj) if h.startswith("adaptkit_") and h not in known]
             hint = "".join(f" '{h}'{did_you_mean(h, known)}" for h in bad)
             self.failures.append(PluginFailure(name, source, f"defines an unknown hook:{hint or ' ' + str(exc)}"))
@@ -191,6 +192,36 @@ class Registry:
                 self._fail_provider(provider, f"{hook_name}() raised {_raised(exc)}")
                 continue
             yield provider, records
+
+    def call_lifecycle(self, hook_name: str, **arguments: Any) -> None:
+        """Call lifecycle hook ``hook_name`` (one with arguments) on every plugin, in registration
+        order, each with the arguments it declares (pytest's rule).
+
+        A user error (:class:`~adaptkit.errors.AdaptkitError`) propagates; anything else a
+        built-in raises is a bug and propagates too; a third-party plugin that raises is recorded
+        in :attr:`failures`, warned about on stderr, and the others still run."""
+        self._call_each(hook_name, lambda provider: arguments)
+
+    def add_commands(self, commands: Any) -> None:
+        """Let every plugin add its subcommands (the ``adaptkit_commands`` hook) through
+        ``commands`` (an :class:`adaptkit.commands.Commands`), each credited to its provider."""
+        self._call_each("adaptkit_commands", lambda provider: {"commands": commands.for_provider(provider)})
+
+    def _call_each(self, hook_name: str, arguments_for: typing.Callable[[str], dict[str, Any]]) -> None:
+        hook = getattr(self._pm.hook, hook_name)
+        for impl in reversed(hook.get_hookimpls()):  # registration order
+            provider = self._pm.get_name(impl.plugin) or repr(impl.plugin)
+            given = arguments_for(provider)
+            try:
+                impl.function(**{name: given[name] for name in impl.argnames})
+            except AdaptkitError:
+                raise
+            except Exception as exc:
+                if self._sources.get(provider) == "built-in":
+                    raise
+                failure = PluginFailure(provider, self._sources.get(provider, "plugin"), f"{hook_name}() raised {_raised(exc)}")
+                self.failures.append(failure)
+                print(f"warning: {failure}", file=sys.stderr)
 
     def _fail_provider(self, provider: str, error: str) -> None:
         source = self._sources.get(provider, "plugin")
@@ -259,6 +290,11 @@ class Registry:
         if kind not in self._records:
             raise PluginError(f"unknown component kind '{kind}'{did_you_mean(kind, KINDS)}; kinds: {', '.join(KINDS)}")
         return self._records[kind]
+
+
+def hook_names() -> list[str]:
+    """Every hook a plugin may implement (the ``adaptkit_*`` functions of :mod:`adaptkit.hookspecs`)."""
+    return sorted(name for name in vars(hookspecs) if name.startswith("adaptkit_"))
 
 
 def _raised(exc: BaseException) -> str:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from adaptkit.capabilities import KeepsTrainingState
 from adaptkit.checkpoint import first_non_finite, load_tensors, save_tensors
 from adaptkit.data import BatchDataset, DataBundle, LoaderOptions, PlannedLoader, SequentialPlan, to_device
 from adaptkit.distributed import DistInfo, full_tensor, like, shard_model, unshard_for_good, unsharded_root
@@ -174,8 +175,7 @@ class Trainer:
         if self.cfg.strategy == "fsdp" and not self.dist.enabled:
             self.log("train.strategy is fsdp but this is one process (not launched with torchrun): nothing to shard, training as a plain loop")
         if self.fsdp:
-            kind = type(model)
-            if kind.extra_state is not TaskModel.extra_state or kind.after_optimizer_step is not TaskModel.after_optimizer_step:
+            if isinstance(model, KeepsTrainingState):
                 raise RunError(
                     f"train.strategy: task '{model.adaptkit.spec.task.name}' keeps copies of its weights besides the "
                     "trained ones (EMA), which fsdp does not shard; use train.strategy=ddp (or auto)"
@@ -278,7 +278,8 @@ class Trainer:
             bar.close()
         if result.skipped and self.dist.main:
             self.log(f"data: skipped {result.skipped} unreadable training samples (each replaced by the next readable one)")
-        model.finish_training()
+        if isinstance(model, KeepsTrainingState):
+            model.finish_training()
         if self.fsdp:
             unshard_for_good(model)
         check_finite_state({name: p for name, p in model.named_parameters() if p.requires_grad}, self.total_steps)
@@ -333,7 +334,8 @@ class Trainer:
                 if isinstance(value, torch.Tensor):
                     value = full_tensor(value)
                     tensors[f"optim.{i}.{key}"] = value.reshape(value.shape) if value.ndim else value.reshape(1)
-        tensors.update({f"task.{name}": full_tensor(t) for name, t in self.model.extra_state().items()})
+        if isinstance(self.model, KeepsTrainingState):
+            tensors.update({f"task.{name}": full_tensor(t) for name, t in self.model.extra_state().items()})
         check_finite_state(tensors, step)  # whole tensors on every process; the last good checkpoint stays
         if not self.dist.main:
             return
@@ -382,7 +384,7 @@ class Trainer:
             if state:
                 optimizer.state[p] = state
         extra = {name[len("task."):]: t.to(self.device) for name, t in tensors.items() if name.startswith("task.")}
-        if extra:  # (fit refuses fsdp for tasks that keep such state)
+        if extra and isinstance(self.model, KeepsTrainingState):  # (fit refuses fsdp for tasks that keep such state)
             self.model.load_extra_state(extra)
         torch.set_rng_state(tensors["rng.torch"])
         if "rng.cuda" in tensors and self.device.type == "cuda":

@@ -95,6 +95,7 @@ def main(args: argparse.Namespace) -> int:
     import torch
 
     from adaptkit.builder import build
+    from adaptkit.capabilities import HasClassNames
     from adaptkit.checkpoint import load_adapter
     from adaptkit.spec import load_spec
 
@@ -108,12 +109,12 @@ def main(args: argparse.Namespace) -> int:
     if "text_features" not in backbone.capabilities:
         raise CompatibilityError(
             f"backbone '{spec.backbone.name}' does not encode text; classify ranks labels by image-text similarity "
-            "and needs a backbone such as clip"
+            "and needs a backbone with the text_features capability (see `adaptkit plugins backbone`)"
         )
     if adapter is not None:
         load_adapter(model, adapter)
     if labels is None:
-        names = getattr(model, "class_names", None) or model.adaptkit.data_info.class_names
+        names = (model.class_names if isinstance(model, HasClassNames) else None) or model.adaptkit.data_info.class_names
         if not names or len(names) < 2:
             raise SpecError("--labels: this run has no class names; give the labels, e.g. --labels cat,dog")
         labels = list(names)

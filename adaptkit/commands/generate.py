@@ -16,7 +16,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key.path=value overrides of the run's spec")
     p.add_argument("--prompt", action="append", default=[], help="a text prompt (repeatable; one grid row each)")
     p.add_argument("--class", dest="classes", action="append", default=[], help="a class name (repeatable)")
-    p.add_argument("--image", action="append", default=[], help="a source image for variations (unclip; repeatable)")
+    p.add_argument("--image", action="append", default=[], help="a source image for variations (backbones conditioned on images; repeatable)")
     p.add_argument("--num", type=int, default=16, help="images per prompt / class / source image (default 16)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the task's, 50)")
     p.add_argument("--sampler", choices=["ddim", "ddpm"], default=None, help="scheduler (default: the task's, ddim)")
@@ -33,7 +33,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
-    from adaptkit.commands._outputs import (
+    from adaptkit.commands.outputs import (
         MAX_IMAGE_SIDE, atomic_png, check_device, check_finite, check_image_file, check_png_outputs, check_seed,
     )
     from adaptkit.errors import CompatibilityError, RunError
@@ -56,22 +56,22 @@ def main(args: argparse.Namespace) -> int:
             raise RunError(f"--image {image}: file not found" if not Path(image).exists() else f"--image {image}: not a file")
     out = check_png_outputs(args.out, "--out", args.overwrite, folder=Path(args.out).with_suffix(""), sources=args.image)
 
+    from adaptkit.capabilities import Generates
     from adaptkit.runner import load_run
 
     model = load_run(args.run, args.overrides, device=args.device)
-    generate = getattr(model, "generate", None)
-    if generate is None:
+    if not isinstance(model, Generates):
         raise CompatibilityError(f"{args.run}: task '{model.adaptkit.spec.task.name}' does not generate images")
     backbone = model.backbone
-    size = getattr(backbone, "image_size", None)
+    size = backbone.image_size
     size = (size, size) if isinstance(size, int) else (tuple(size) if size else None)
     if args.scale is not None and size and max(size) * args.scale > MAX_IMAGE_SIDE:
         raise RunError(f"--scale {args.scale}: images of {max(size) * args.scale} pixels; at most {MAX_IMAGE_SIDE} per side")
     for image in args.image:
-        note = check_image_file(image, "--image", getattr(backbone, "in_chans", None), size)
+        note = check_image_file(image, "--image", backbone.in_chans, size)
         if note:
             print(f"note: {note}")
-    images, rows = generate(
+    images, rows = model.generate(
         prompts=args.prompt or None, classes=args.classes or None, images=args.image or None, num=args.num,
         seed=args.seed, steps=args.steps, sampler=args.sampler, guidance=args.guidance, eta=args.eta,
         batch_size=args.batch_size,

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from adaptkit.ema import WeightAverage
 from adaptkit.errors import CompatibilityError, DataError
 from adaptkit.task import StepOutput, TaskModel
 from adaptkit_plugins.diffusion.common import (
@@ -135,36 +136,28 @@ class TextToImageModel(TaskModel):
     def _trainable(self) -> dict[str, torch.nn.Parameter]:
         return {name: p for name, p in self.named_parameters() if p.requires_grad}
 
-    def _start_ema(self) -> None:
-        self.ema = {name: p.detach().clone().float() for name, p in self._trainable().items()}
+    def _start_ema(self, values: dict[str, torch.Tensor] | None = None) -> None:
+        # diffusers' EMAModel warm-up: decay (1 + s) / (10 + s) after step s
+        self.ema = WeightAverage(self.params.ema_decay, ramp_start=1.0)
+        self.ema.start(values if values is not None else self._trainable())
 
-    def ema_decay_at(self, step: int) -> float:
-        """The decay used after optimizer step ``step`` (1-based): warmed up as (1 + s) / (10 + s)."""
-        return min(self.params.ema_decay, (1 + step) / (10 + step))
-
-    @torch.no_grad()
     def after_optimizer_step(self, step: int) -> None:
-        if self.ema is None:
-            return
-        decay = self.ema_decay_at(step)
-        for name, p in self._trainable().items():
-            self.ema[name].lerp_(p.detach().float(), 1 - decay)
+        if self.ema is not None:
+            self.ema.update(self._trainable(), step)
 
     def extra_state(self) -> dict[str, torch.Tensor]:
-        return {f"ema.{name}": t for name, t in (self.ema or {}).items()}
+        return self.ema.state() if self.ema is not None else {}
 
     def load_extra_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        ema = {name[len("ema."):]: t.float().clone() for name, t in tensors.items() if name.startswith("ema.")}
+        ema = WeightAverage.from_state(tensors)
         if ema:
-            self.ema = ema
+            self._start_ema(ema)
 
-    @torch.no_grad()
     def finish_training(self) -> None:
         """Copy the EMA weights into the trained parameters (what gets evaluated and saved)."""
         if self.ema is None:
             return
-        for name, p in self._trainable().items():
-            p.copy_(self.ema[name].to(p.dtype))
+        self.ema.copy_to(self._trainable())
         self.ema = None
 
     @contextlib.contextmanager
@@ -173,17 +166,8 @@ class TextToImageModel(TaskModel):
         if self.ema is None:
             yield
             return
-        params = self._trainable()
-        saved = {name: p.detach().clone() for name, p in params.items()}
-        with torch.no_grad():
-            for name, p in params.items():
-                p.copy_(self.ema[name].to(p.dtype))
-        try:
+        with self.ema.swapped_in(self._trainable()):
             yield
-        finally:
-            with torch.no_grad():
-                for name, p in params.items():
-                    p.copy_(saved[name])
 
     # ------------------------------------------------------------------ generation
     def sampler_settings(self, **overrides: Any) -> SamplerSettings:

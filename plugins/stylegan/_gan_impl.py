@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adaptkit.ema import WeightAverage
 from adaptkit.errors import DataError
 from adaptkit.task import StepOutput, TaskModel
 from adaptkit_plugins.stylegan.networks import Discriminator
@@ -40,8 +41,8 @@ class StyleGan2TaskModel(TaskModel):
         g = backbone.generator
         self.params = params
         self.discriminator = Discriminator(g.size, d_channels, g.img_channels)
-        self.ema = nn.Module()  # buffers filled at the first step, once the methods have chosen what trains
-        self._ema_names: list[str] = []
+        # started at the first step, once the methods have chosen what trains; StyleGAN's warm-up s / (s + 10)
+        self.ema = WeightAverage(params.ema_decay, ramp_start=0.0)
         #: optimizer steps done (the trainer's count, so R1's interval survives a resume); not model state
         self.register_buffer("steps", torch.zeros((), dtype=torch.long), persistent=False)
         self._written = False
@@ -108,7 +109,7 @@ class StyleGan2TaskModel(TaskModel):
         return out
 
     def training_step(self, batch: dict[str, Any]) -> StepOutput:
-        if self.training and not self._ema_names:
+        if self.training and not self.ema.started:
             self._start_ema()  # from the weights training starts with (restored ones when resuming)
         real = batch["images"]
         p = self.params
@@ -121,65 +122,44 @@ class StyleGan2TaskModel(TaskModel):
         return StepOutput(loss, real.shape[0], {k: float(v.detach()) for k, v in parts.items()})
 
     # -- EMA -------------------------------------------------------------------
-    def _generator_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        for name, p in self.backbone.named_parameters():
-            if p.requires_grad:
-                yield name, p
+    def _generator_parameters(self) -> dict[str, nn.Parameter]:
+        return {name: p for name, p in self.backbone.named_parameters() if p.requires_grad}
 
     def _start_ema(self, values: dict[str, torch.Tensor] | None = None) -> None:
-        """Register the EMA buffers: copies of the trained generator weights, or ``values`` (a resume)."""
-        for name, p in self._generator_parameters():
-            value = values[name] if values is not None else p
-            self.ema.register_buffer(name.replace(".", "__"), value.detach().clone().to(p), persistent=False)
-            self._ema_names.append(name)
+        """Start the EMA from the trained generator weights, or from ``values`` (a resume)."""
+        self.ema.start(values if values is not None else self._generator_parameters())
 
-    @torch.no_grad()
     def after_optimizer_step(self, step: int) -> None:
         """Once per optimizer step (not per micro-batch): R1's interval and the EMA follow the optimizer."""
         self.steps.fill_(step)
-        if not self._ema_names:
-            return
-        # ramp-up: average over roughly the steps so far until the decay takes over
-        decay = min(self.params.ema_decay, step / (step + 10.0))
-        params = dict(self.backbone.named_parameters())
-        for name in self._ema_names:
-            getattr(self.ema, name.replace(".", "__")).lerp_(params[name].detach(), 1 - decay)
+        self.ema.update(self._generator_parameters(), step)
 
     def extra_state(self) -> dict[str, torch.Tensor]:
-        ema = {f"ema.{name}": getattr(self.ema, name.replace(".", "__")) for name in self._ema_names}
-        return {"steps": self.steps, **ema}
+        return {"steps": self.steps, **self.ema.state()}
 
     def load_extra_state(self, tensors: dict[str, torch.Tensor]) -> None:
         if "steps" in tensors:
             self.steps.fill_(int(tensors["steps"]))
-        ema = {name[len("ema."):]: t for name, t in tensors.items() if name.startswith("ema.")}
+        ema = WeightAverage.from_state(tensors)
         if not ema:
             return
-        wanted = {name for name, _ in self._generator_parameters()}
+        wanted = set(self._generator_parameters())
         if set(ema) != wanted:
             from adaptkit.errors import CheckpointError
 
             raise CheckpointError(f"the checkpoint's EMA generator holds {len(ema)} tensors, this run trains {len(wanted)}")
-        self._ema_names = []
         self._start_ema(ema)
 
-    @contextlib.contextmanager
-    def ema_weights(self) -> Iterator[None]:
+    def finish_training(self) -> None:
+        """Put the EMA generator into the trained weights: the adapter file, a merge and the final
+        metrics then describe the generator that samples.png and generator.safetensors show."""
+        if self.ema.started:
+            self.ema.copy_to(self._generator_parameters())
+            self.ema.start({})
+
+    def ema_weights(self) -> contextlib.AbstractContextManager[None]:
         """Temporarily load the EMA generator weights (no-op before the first training step)."""
-        if not self._ema_names:
-            yield
-            return
-        params = dict(self.backbone.named_parameters())
-        saved = {name: params[name].detach().clone() for name in self._ema_names}
-        with torch.no_grad():
-            for name in self._ema_names:
-                params[name].copy_(getattr(self.ema, name.replace(".", "__")))
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for name, value in saved.items():
-                    params[name].copy_(value)
+        return self.ema.swapped_in(self._generator_parameters())
 
     # -- evaluation ------------------------------------------------------------
     @torch.no_grad()

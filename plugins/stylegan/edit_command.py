@@ -1,4 +1,5 @@
-"""adaptkit edit SPEC_OR_RUN --prompt TEXT [--seed N | --w FILE | --image FILE] --out edit.png"""
+"""``adaptkit edit SPEC_OR_RUN --prompt TEXT [--seed N | --w FILE | --image FILE] --out edit.png``:
+the StyleGAN family's own command, added through the ``adaptkit_commands`` hook."""
 
 from __future__ import annotations
 
@@ -7,12 +8,15 @@ import json
 from pathlib import Path
 from typing import Any
 
+from adaptkit.hookspecs import hookimpl
+
 EDIT_TASK = "clip_stylegan_edit"
 
 
-def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser(
-        "edit",
+@hookimpl
+def adaptkit_commands(commands: Any) -> None:
+    p = commands.add(
+        "edit", main=main,
         help="edit StyleGAN images towards a text prompt with CLIP (StyleCLIP / StyleGAN-NADA)",
         description="Edit generated images towards a prompt, as the spec's clip_stylegan_edit task says "
         "(mode latent, global or generator). SPEC_OR_RUN is a YAML spec, or the output directory of an "
@@ -30,7 +34,6 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--alphas", help="comma-separated edit strengths for the strip over alpha, e.g. 0,0.5,1,1.5")
     p.add_argument("--out", default="edit.png", help="output PNG (beside it: .json with the measurements, _w.safetensors with the latents)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    return p
 
 
 def _load(args: argparse.Namespace) -> tuple[Any, Path | None]:
@@ -106,7 +109,7 @@ def _alphas(text: str | None) -> list[float] | None:
 
 
 def _check_outputs(args: argparse.Namespace) -> Path:
-    from adaptkit.commands._outputs import check_png_outputs, check_seed
+    from adaptkit.commands.outputs import check_png_outputs, check_seed
 
     for seed in args.seed or []:
         check_seed(seed)
@@ -128,10 +131,11 @@ def main(args: argparse.Namespace) -> int:
     import torch
 
     from adaptkit.builder import build
+    from adaptkit.capabilities import Edits
     from adaptkit.checkpoint import load_adapter, save_tensors
-    from adaptkit.commands._outputs import atomic_png, check_image_file
+    from adaptkit.commands.outputs import atomic_png, check_image_file
     from adaptkit.distributed import resolve_device
-    from adaptkit.errors import RunError
+    from adaptkit.errors import CompatibilityError, RunError
     from adaptkit_plugins.stylegan._clip_edit_impl import image_tensor
     from adaptkit_plugins.stylegan.images import save_strips
 
@@ -141,6 +145,8 @@ def main(args: argparse.Namespace) -> int:
     if spec.train.threads:
         torch.set_num_threads(spec.train.threads)
     model = build(spec)
+    if not isinstance(model, Edits):
+        raise CompatibilityError(f"task '{spec.task.name}' does not edit images")
     device = resolve_device(spec.train.device)
     model.to(device)
     mode = spec.task.mode
