@@ -8,7 +8,6 @@ from typing import Any, TypeVar
 from torch import nn
 
 from adaptkit.errors import CompatibilityError
-from adaptkit.surface import Surface, Tower
 
 T = TypeVar("T")
 
@@ -45,28 +44,3 @@ def pick(items: Sequence[T], indices: Sequence[int] | None, what: str, method: s
             )
         chosen.append(items[index])
     return chosen
-
-
-def towers_with(surface: Surface, tower: str | Sequence[str] | None, kinds: Sequence[str], method: str) -> list[Tower]:
-    """Towers named by a method's ``tower`` option that offer any of ``kinds`` of site."""
-    if len(kinds) == 1:
-        return surface.select(tower, kinds[0], method)
-    wanted = " or ".join(kinds)
-    if tower in (None, "all", "both"):
-        chosen = [t for t in surface.towers.values() if any(t.has(k) for k in kinds)]
-        if not chosen:
-            raise CompatibilityError(f"method '{method}' needs {wanted} sites, but backbone '{surface.backbone}' has none")
-        return chosen
-    names = [tower] if isinstance(tower, str) else list(tower)
-    out = []
-    for name in names:
-        if name not in surface.towers:
-            raise CompatibilityError(
-                f"method '{method}': backbone '{surface.backbone}' has no tower '{name}'; towers: {', '.join(surface.towers)}"
-            )
-        if not any(surface.towers[name].has(k) for k in kinds):
-            raise CompatibilityError(
-                f"method '{method}' needs {wanted} sites, but tower '{name}' of backbone '{surface.backbone}' has none"
-            )
-        out.append(surface.towers[name])
-    return out
