@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from adaptkit.params import ComponentParams
@@ -164,6 +165,50 @@ class PresetRecord:
     name: str
     backbone: str
     config: Mapping[str, Any]
+    summary: str = ""
+    provider: str = ""
+
+
+@dataclass
+class RunInfo:
+    """What the training-lifecycle hooks receive about the run they observe.
+
+    ``spec`` is the run's :class:`~adaptkit.spec.RunSpec` (None for a trainer built without
+    one), ``output_dir`` the directory its files go to, ``total_steps`` the optimizer steps of
+    the whole run and ``start_step`` where this process starts (0, or the step a resume
+    continues from), ``history`` the evaluation records so far (restored ones when resuming),
+    ``primary_metric`` the metric the task follows, ``log`` prints a line for the user.
+    ``state`` is a scratch dict for observers that keep something per run.
+    """
+
+    spec: Any
+    output_dir: Path
+    total_steps: int
+    start_step: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    primary_metric: str = "loss"
+    log: Callable[[str], None] = print
+    state: dict[str, Any] = field(default_factory=dict)
+
+
+class LoggerFactory(Protocol):
+    """``factory(run) -> observer``: an object with ``@hookimpl`` methods among the training-lifecycle
+    hooks (``adaptkit_train_start``, ``adaptkit_train_step``, ``adaptkit_evaluate``,
+    ``adaptkit_train_end``), registered for the duration of one run."""
+
+    def __call__(self, run: RunInfo, /) -> object: ...
+
+
+@dataclass(frozen=True)
+class LoggerRecord:
+    """An experiment logger a spec picks by name (``train.loggers: [jsonl, tensorboard]``).
+
+    ``factory(run)`` returns the observer of one run; it raises a user error (e.g. a missing
+    optional package) before any step is trained.
+    """
+
+    name: str
+    factory: LoggerFactory
     summary: str = ""
     provider: str = ""
 

@@ -112,7 +112,8 @@ def _run_in(rundir: RunDirectory, spec: RunSpec, reg: Any, device: Any, dist: An
     trainer = None
     if trainable:
         trainer = Trainer(model, data, spec.train, seed=spec.seed, lr=lr, weight_decay=weight_decay, output_dir=out,
-                          device=device, dist=dist, spec_fingerprint=spec.fingerprint(), log=say, loader=loader)
+                          device=device, dist=dist, spec_fingerprint=spec.fingerprint(), log=say, loader=loader,
+                          spec=spec, registry=reg)
         fitted = trainer.fit()
         history, train_seconds, resumed_from = fitted.history, fitted.seconds, fitted.resumed_from
         skipped["train"] = fitted.skipped
