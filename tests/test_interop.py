@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import re
 
+import peft
 import pytest
+import timm
 import torch
 
 import adaptkit
@@ -14,9 +16,6 @@ from adaptkit.errors import CheckpointError, CompatibilityError, RunError
 from adaptkit.native import load_trained, merge_to_native, native_copy
 from adaptkit.peft_format import export_peft, import_peft
 from tests.conftest import tiny_vit_spec
-
-peft = pytest.importorskip("peft")
-timm = pytest.importorskip("timm")
 
 BACKBONES = {"vit": "vit_tiny_digits", "swin": "swin_tiny_digits"}
 #: LoRA on q/v slices of the fused qkv, the MLP, the conv patch embedding and the head, plus a

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import diffusers
+import peft
 import pytest
 import torch
 
@@ -14,9 +16,6 @@ from adaptkit.errors import CompatibilityError
 from adaptkit.native import load_trained, merge_to_native, native_copy
 from adaptkit.peft_format import export_peft, import_peft
 from tests.test_interop import randomised
-
-peft = pytest.importorskip("peft")
-diffusers = pytest.importorskip("diffusers")
 
 CLASS = {"name": "ddpm_unet", "model": "ddpm_unet_tiny", "conditioning": "class", "num_classes": 10}
 CROSS_CLASS = {"name": "ddpm_unet", "model": "ddpm_unet_cross_tiny", "conditioning": "class", "num_classes": 10}
