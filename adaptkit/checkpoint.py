@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from adaptkit.errors import CheckpointError
-from adaptkit.rundir import create_temp_file, file_mode
+from adaptkit.rundir import atomic_path, file_mode
 
 FORMAT = "adaptkit.adapter/1"
 
@@ -99,16 +99,11 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: d
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items() if k not in (TENSORS_HASH, CONTENT_HASH)}
     meta[TENSORS_HASH] = _content_hash(clean)  # what adaptkit before 0.1.1 checks
     meta[CONTENT_HASH] = _content_hash(clean, meta)
-    tmp = create_temp_file(path)
-    try:
+    with atomic_path(path) as tmp:
         save_file(clean, tmp, metadata=meta)
         os.chmod(tmp, file_mode())  # safetensors creates 0600 files; follow the umask as every other tool does
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
 from adaptkit.errors import CompatibilityError, DataError, SpecError
@@ -42,20 +41,6 @@ def parse_labels(text: str) -> list[str]:
     if repeated:
         raise SpecError(f"--labels: '{repeated[0]}' is given more than once")
     return labels
-
-
-def resolve_run(target: str) -> tuple[Path, Path | None]:
-    """(spec file, adapter file or None) of a run directory or a spec file."""
-    path = Path(target)
-    if path.is_dir():
-        spec = path / "spec.yaml"
-        if not spec.is_file():
-            raise SpecError(f"{path} is not a run directory (it has no spec.yaml)")
-        adapter = path / "adapter.safetensors"
-        return spec, adapter if adapter.is_file() else None
-    if not path.exists():
-        raise SpecError(f"{path}: no such run directory or spec file")
-    return path, None
 
 
 def load_image(path: str, channels: int, size: tuple[int, int]) -> Any:
@@ -97,12 +82,14 @@ def main(args: argparse.Namespace) -> int:
     from adaptkit.builder import build
     from adaptkit.capabilities import HasClassNames
     from adaptkit.checkpoint import load_adapter
+    from adaptkit.rundir import locate_run
     from adaptkit.spec import load_spec
 
     if args.top < 1:
         raise SpecError("--top must be at least 1")
     labels = parse_labels(args.labels) if args.labels is not None else None
-    spec_file, adapter = resolve_run(args.run)
+    source = locate_run(args.run, need_adapter=False)
+    spec_file, adapter = source.spec_file, source.adapter
     spec = load_spec(spec_file)
     model = build(spec)
     backbone = model.backbone

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from adaptkit.errors import DataError, RunError
 from adaptkit.spec import DEVICE_PATTERN, MAX_SEED
-from adaptkit.rundir import create_temp_dir, create_temp_file, read_marker
+from adaptkit.rundir import atomic_path, create_temp_dir, read_marker
 
 RUN_MARKERS = ("run.json", "spec.yaml", "adapter.safetensors")
 MAX_IMAGE_SIDE = 8192  # pixels of one written image: --scale beyond this is a typo, not a wish
@@ -122,13 +122,8 @@ def check_png_outputs(out: str | Path, flag: str, overwrite: bool, beside: Itera
 def atomic_png(save: object, path: Path, *args: object, **kwargs: object) -> Path:
     """Call ``save(images, tmp_path, ...)`` and rename the result over ``path`` (never a half-written PNG)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = create_temp_file(path, ".png")
-    try:
+    with atomic_path(path, ".png") as tmp:
         save(*args[:1], Path(tmp), *args[1:], **kwargs)  # type: ignore[operator]
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 

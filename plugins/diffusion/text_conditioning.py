@@ -7,19 +7,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from adaptkit.errors import PluginError
 from adaptkit.surface import Tower
 
 
 def build_clip(spec: dict[str, Any], ctx: Any, where: str) -> nn.Module:
     """Build the ``clip`` backbone a nested spec describes (``{model: clip_tiny_digits, pretrained: ...}``)."""
-    reg = ctx.registry
-    if "clip" not in reg.names("backbone"):
-        raise PluginError(f"{where}: needs the 'clip' backbone, which is not registered")
-    record = reg.get("backbone", "clip")
-    encoder = record.factory(record.params.model_validate({**spec, "name": "clip"}), ctx)
-    encoder.registered_name = "clip"
-    return encoder
+    from adaptkit.builder import build_nested_backbone
+
+    return build_nested_backbone(spec, ctx, where, name="clip")
 
 
 class TextConditioner(nn.Module):

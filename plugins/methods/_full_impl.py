@@ -9,6 +9,7 @@ from torch import nn
 
 from adaptkit.method import AppliedMethod
 from adaptkit.surface import LayerSite, Surface
+from adaptkit_plugins.methods.common import attach
 
 
 class RowDelta(nn.Module):
@@ -95,7 +96,7 @@ def apply(params: Any, surface: Surface) -> AppliedFull:
                 has_bias = getattr(module, "bias", None) is not None
                 expected += rows * module.weight[0].numel() + (rows if has_bias else 0)
                 delta = RowDelta(module, site.rows)
-                module.add_module(_free_name(module, "full_delta"), delta)
+                attach(module, "full_delta", delta)
                 deltas.append(delta)
     else:
         for tower in towers:
@@ -112,11 +113,3 @@ def apply(params: Any, surface: Surface) -> AppliedFull:
     unfrozen = sum(p.numel() for p in surface.root.parameters() if p.requires_grad and id(p) in frozen_before)
     summary = f"{unfrozen:,} weights unfrozen" + (f", {len(deltas)} fused-row updates" if deltas else "")
     return AppliedFull(deltas, summary, expected)
-
-
-def _free_name(module: nn.Module, base: str) -> str:
-    name, i = base, 1
-    while hasattr(module, name):
-        name = f"{base}_{i}"
-        i += 1
-    return name

@@ -8,6 +8,7 @@ from typing import Any, TypeVar
 from torch import nn
 
 from adaptkit.errors import CompatibilityError
+from adaptkit.method import free_child_name
 
 T = TypeVar("T")
 
@@ -17,9 +18,7 @@ _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 def attach(parent: nn.Module, base: str, child: nn.Module) -> str:
     """Add ``child`` to ``parent`` under ``base`` (``base_1``, ... when taken); return the name."""
-    name, index = base, 1
-    while hasattr(parent, name):
-        name, index = f"{base}_{index}", index + 1
+    name = free_child_name(parent, base)
     parent.add_module(name, child)
     return name
 

@@ -323,15 +323,9 @@ class ClipStyleGanEditModel(TaskModel):
 
 def build_clip(clip_spec: dict[str, Any], ctx: Any) -> Any:
     """Build the guiding CLIP backbone from its spec fragment, frozen and in eval mode."""
-    registry = ctx.registry
-    record = registry.get("backbone", str(clip_spec.get("name")))
-    params = record.params.model_validate(clip_spec)
-    sub = type(ctx)(spec=ctx.spec, registry=registry) if hasattr(ctx, "spec") else ctx
-    clip = record.factory(params, sub)
-    clip.registered_name = record.name
-    for name in ("encode_image", "encode_text"):
-        if not callable(getattr(clip, name, None)):
-            raise RunError(f"task.clip: backbone '{record.name}' has no {name}; the guide must be a CLIP-like backbone")
+    from adaptkit.builder import build_nested_backbone
+
+    clip = build_nested_backbone(clip_spec, ctx, "task.clip", needs=("image_features", "text_features"))
     return clip.requires_grad_(False).eval()
 
 

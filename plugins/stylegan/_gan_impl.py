@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -193,6 +193,7 @@ class StyleGan2TaskModel(TaskModel):
         if self._written:
             return []
         self._written = True
+        from adaptkit.native import temporarily_merged
         from adaptkit_plugins.stylegan.generator import save_generator
 
         files = []
@@ -203,30 +204,14 @@ class StyleGan2TaskModel(TaskModel):
                 images = self.sample(self.params.samples).cpu()
                 save_grid(images, output_dir / "samples.png", ncol=int(math.ceil(math.sqrt(len(images)))))
                 files.append("samples.png")
-                methods = getattr(getattr(self, "adaptkit", None), "methods", [])
-                if all(m.mergeable for m in methods):
-                    with merged(methods):
+                if all(m.mergeable for m in self.adaptkit.methods):
+                    with temporarily_merged(self):
                         save_generator(self.backbone.generator, output_dir / "generator.safetensors",
                                        latent_avg=self.backbone.mean_latent(), metadata={"format": "rosinality-stylegan2/g_ema"})
                     files.append("generator.safetensors")
         finally:
             self.train(was_training)
         return files
-
-
-@contextlib.contextmanager
-def merged(methods: list[Any]) -> Iterator[None]:
-    """Fold mergeable methods into the base weights for the duration, then take them out again."""
-    done = []
-    try:
-        for method in methods:
-            if not method.merged:
-                method.merge()
-                done.append(method)
-        yield
-    finally:
-        for method in reversed(done):
-            method.unmerge()
 
 
 def shard_randn(batch: int, *shape: int, device: torch.device) -> torch.Tensor:

@@ -38,21 +38,15 @@ def adaptkit_commands(commands: Any) -> None:
 
 def _load(args: argparse.Namespace) -> tuple[Any, Path | None]:
     from adaptkit.errors import SpecError
+    from adaptkit.rundir import locate_run
     from adaptkit.spec import load_spec, read_yaml, validate_spec
 
-    path = Path(args.spec)
-    adapter = None
-    if path.is_dir():
-        spec_file = path / "spec.yaml"
-        if not spec_file.exists():
-            raise SpecError(f"{path} is a directory without spec.yaml; give a YAML spec or an adaptkit run directory")
-        data = read_yaml(spec_file)
-        adapter = path / "adapter.safetensors" if (path / "adapter.safetensors").exists() else None
-        source = str(spec_file)
-    else:
-        data = read_yaml(path)
-        data.setdefault("name", path.stem)
-        source = str(path)
+    run = locate_run(args.spec, need_adapter=False)
+    adapter = run.adapter
+    data = read_yaml(run.spec_file)
+    if not run.is_run:
+        data.setdefault("name", run.path.stem)
+    source = str(run.spec_file)
     try:
         spec = load_spec(data, list(args.overrides or []))
     except SpecError as exc:  # a dict has no file name: say which file the problem is in
@@ -119,14 +113,6 @@ def _check_outputs(args: argparse.Namespace) -> Path:
     return check_png_outputs(out, "--out", args.overwrite, beside=beside, sources=sources)
 
 
-def _write_text(path: Path, text: str) -> None:
-    import os
-
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def main(args: argparse.Namespace) -> int:
     import torch
 
@@ -136,6 +122,7 @@ def main(args: argparse.Namespace) -> int:
     from adaptkit.commands.outputs import atomic_png, check_image_file
     from adaptkit.distributed import resolve_device
     from adaptkit.errors import CompatibilityError, RunError
+    from adaptkit.rundir import write_text
     from adaptkit_plugins.stylegan._clip_edit_impl import image_tensor
     from adaptkit_plugins.stylegan.images import save_strips
 
@@ -187,7 +174,7 @@ def main(args: argparse.Namespace) -> int:
     summary = result.summary()
     report = {"mode": mode, "prompt": spec.task.prompt, "neutral": spec.task.neutral, "sources": names,
               "summary": summary, "per_source": result.metrics, "alphas": result.alphas}
-    _write_text(out.with_suffix(".json"), json.dumps(report, indent=2) + "\n")
+    write_text(out.with_suffix(".json"), json.dumps(report, indent=2) + "\n")
     written = [out.name, out.with_suffix(".json").name]
     if result.w_source is not None:
         latents = {"w_source": result.w_source}

@@ -191,7 +191,8 @@ class StyleGan2Backbone(Backbone):
             "library": "stylegan2 (rosinality stylegan2-pytorch layout)",
             "config": self.config,
             "python": "g = Generator(size, style_dim, n_mlp, channel_multiplier=...)  # rosinality's model.py; "
-            "g.load_state_dict(safetensors.torch.load_file('generator.safetensors'))",
+            "g.load_state_dict(safetensors.torch.load_file('generator.safetensors'))  # a run's generator.safetensors "
+            "also holds latent_avg (beside g_ema in rosinality's .pt): pop it before a strict load_state_dict",
         }
 
     def save_native(self, native: nn.Module, directory: Path, recipe: dict[str, Any]) -> list[str]:
@@ -319,21 +320,14 @@ def save_generator(generator: Generator, path: str | Path, latent_avg: torch.Ten
     state = {k: v.detach().cpu().clone() for k, v in native_generator_state(generator).items()}
     path = Path(path)
     if path.suffix in (".pt", ".pth"):
-        import os
-        import tempfile
+        from adaptkit.rundir import atomic_path
 
         payload: dict[str, Any] = {"g_ema": state}
         if latent_avg is not None:
             payload["latent_avg"] = latent_avg.detach().cpu().reshape(-1)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        os.close(fd)
-        try:
+        with atomic_path(path) as tmp:
             torch.save(payload, tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
         return path
     if latent_avg is not None:
         state["latent_avg"] = latent_avg.detach().cpu().reshape(-1)
