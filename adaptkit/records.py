@@ -41,6 +41,21 @@ class TaskFactory(Protocol):
     def __call__(self, params: Any, backbone: Backbone, data_info: DataInfo, ctx: BuildContext, /) -> TaskModel: ...
 
 
+class GenerateOptions(Protocol):
+    """The flags a generating task adds to ``adaptkit generate`` (see :class:`adaptkit.capabilities.Generates`).
+
+    ``add_arguments(group)`` adds them to the command's argument group for the task (cheap:
+    no torch). ``read(args, model)`` checks their values once the run is loaded (raising
+    :class:`~adaptkit.errors.AdaptkitError` for a bad one, printing ``note:`` lines where it
+    adapts an input) and returns the keyword arguments for ``model.generate`` and the input
+    files they name (which the outputs must never overwrite).
+    """
+
+    def add_arguments(self, group: Any) -> None: ...
+
+    def read(self, args: Any, model: Any) -> tuple[dict[str, Any], list[str]]: ...
+
+
 class DataFactory(Protocol):
     """``factory(params, ctx) -> DataBundle``: the data source's splits (lazily read)."""
 
@@ -134,12 +149,15 @@ class TaskRecord(Record):
     """A task: ``factory(params, backbone, data_info, context) -> adaptkit.task.TaskModel``.
 
     ``needs`` lists backbone capabilities the task uses; ``data_kinds`` the kinds of
-    data bundle it trains on (``"labelled_images"``, ...).
+    data bundle it trains on (``"labelled_images"``, ...); ``generate_options`` the flags
+    its ``adaptkit generate`` takes (a task that generates).
     """
 
     factory: TaskFactory
     needs: frozenset[str] = frozenset()
     data_kinds: frozenset[str] = frozenset()
+    #: the flags of ``adaptkit generate`` for a task whose model generates images
+    generate_options: GenerateOptions | None = None
     kind: ClassVar[str] = "task"
 
 

@@ -50,6 +50,43 @@ class TextToImageParams(ComponentParams):
         return value
 
 
+class TextToImageFlags:
+    """The flags of ``adaptkit generate`` for a text_to_image run: what to sample and how."""
+
+    def add_arguments(self, group: Any) -> None:
+        group.add_argument("--prompt", dest="prompts", action="append", default=[], help="a text prompt (repeatable; one grid row each)")
+        group.add_argument("--class", dest="classes", action="append", default=[], help="a class name (repeatable)")
+        group.add_argument("--image", dest="images", action="append", default=[],
+                           help="a source image for variations (backbones conditioned on images; repeatable)")
+        group.add_argument("--steps", type=int, default=None, help="sampling steps (default: the task's, 50)")
+        group.add_argument("--sampler", choices=["ddim", "ddpm"], default=None, help="scheduler (default: the task's, ddim)")
+        group.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the task's)")
+        group.add_argument("--eta", type=float, default=None, help="DDIM eta (0: deterministic)")
+
+    def read(self, args: Any, model: Any) -> tuple[dict[str, Any], list[str]]:
+        from pathlib import Path
+
+        from adaptkit.commands.outputs import check_finite, check_image_file
+        from adaptkit.errors import RunError
+
+        if args.steps is not None and args.steps < 1:
+            raise RunError(f"--steps must be at least 1, got {args.steps}")
+        check_finite(args.guidance, "--guidance", low=0)
+        check_finite(args.eta, "--eta", low=0, high=1)
+        backbone = model.backbone
+        size = backbone.image_size
+        size = (size, size) if isinstance(size, int) else (tuple(size) if size else None)
+        for image in args.images:
+            if not Path(image).is_file():
+                raise RunError(f"--image {image}: file not found" if not Path(image).exists() else f"--image {image}: not a file")
+            note = check_image_file(image, "--image", backbone.in_chans, size)
+            if note:
+                print(f"note: {note}")
+        conditions = {"prompts": args.prompts or None, "classes": args.classes or None, "images": args.images or None,
+                      "steps": args.steps, "sampler": args.sampler, "guidance": args.guidance, "eta": args.eta}
+        return conditions, list(args.images)
+
+
 def build_text_to_image(params: TextToImageParams, backbone: Any, data_info: Any, ctx: Any) -> Any:
     from adaptkit_plugins.diffusion._text_to_image_impl import TextToImageModel
 
@@ -66,5 +103,6 @@ def adaptkit_tasks() -> list[TaskRecord]:
             summary="DDPM training (eps MSE), classifier-free guidance dropout, EMA; DDPM/DDIM sampling, `adaptkit generate`",
             needs=frozenset({"denoise"}),
             data_kinds=frozenset({"labelled_images", "captioned_images"}),
+            generate_options=TextToImageFlags(),
         )
     ]
