@@ -251,7 +251,7 @@ def export_peft(model: nn.Module, directory: str | Path, include_base: bool = Fa
     directory.mkdir(parents=True, exist_ok=True)
     (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     save_tensors(directory / WEIGHTS_FILE, tensors, {"format": "pt"})
-    files = [CONFIG_FILE, WEIGHTS_FILE]
+    files = [CONFIG_FILE, WEIGHTS_FILE, *model.backbone.native_config_files(native.model, directory)]
     leftover = leftover_task_tensors(model, native)
     if leftover:
         save_tensors(directory / "task_modules.safetensors", leftover, {"format": "adaptkit.task_modules/1"})
@@ -283,8 +283,11 @@ def _readme(config: dict[str, Any], native: NativeModel, files: list[str], notes
         + (f", modules_to_save {config['modules_to_save']}" if config["modules_to_save"] else "") + ".", "",
         f"Base model ({recipe.get('library', 'native library')}): `{json.dumps({k: v for k, v in recipe.items() if k != 'python'})}`", "",
         "```python",
+        "import json, safetensors.torch",
         "from peft import PeftModel",
-        f"# {recipe.get('python', 'create the base model and load its weights')}",
+        recipe["python_base"] if "python_base" in recipe else f"# {recipe.get('python', 'create the base model')}",
+        "model.load_state_dict(safetensors.torch.load_file('base_model.safetensors'))" if "base_model.safetensors" in files
+        else "# load the base weights the adapter was trained on (or export with --include-base: base_model.safetensors)",
         "model = PeftModel.from_pretrained(model, '<this directory>')",
         "```", "",
     ]

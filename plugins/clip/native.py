@@ -56,15 +56,24 @@ class ClipNative:
             "create_model": {"model_name": args["model_name"], **{k: v for k, v in args["kwargs"].items() if _jsonable(v)}},
             "python": "model = open_clip.create_model('local-dir:<merged directory>')  # merged models; "
             "for PEFT: open_clip.create_model(**create_model) and load the base weights",
+            "python_base": "model = open_clip.create_model('local-dir:<this directory>', load_weights=False)  # its open_clip_config.json",
         }
+
+    def native_config_files(self, native: nn.Module, directory: Path) -> list[str]:
+        """``open_clip_config.json``: without it plain open_clip cannot create a preset's (or any
+        custom) architecture; ``open_clip.create_model("local-dir:<dir>")`` reads it."""
+        from adaptkit.rundir import write_json
+
+        write_json(directory / "open_clip_config.json",
+                   {"model_cfg": self.effective_config(), "preprocess_cfg": self.native_args.get("preprocess_cfg") or {}})
+        return ["open_clip_config.json"]
 
     def save_native(self, native: nn.Module, directory: Path, recipe: dict[str, Any]) -> list[str]:
         from adaptkit.checkpoint import save_tensors
 
-        config = {"model_cfg": self.effective_config(), "preprocess_cfg": self.native_args.get("preprocess_cfg") or {}}
-        (directory / "open_clip_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        files = self.native_config_files(native, directory)
         save_tensors(directory / "open_clip_model.safetensors", native.state_dict(), {"format": "pt"})
-        return ["open_clip_config.json", "open_clip_model.safetensors"]
+        return [*files, "open_clip_model.safetensors"]
 
 
 def _jsonable(value: Any) -> bool:

@@ -56,6 +56,7 @@ class DiffusersNative:
             "config": {k: v for k, v in dict(native.config).items() if not k.startswith("_")},
             "python": f"model = diffusers.{cls}.from_pretrained('<merged directory>')  # merged models; "
             f"for PEFT: diffusers.{cls}.from_config(config) and load the base weights",
+            "python_base": f"model = diffusers.{cls}.from_config(json.load(open('adaptkit.json'))['recipe']['config'])",
         }
         if self.class_context is not None:
             recipe["class_context"] = (

@@ -126,6 +126,7 @@ class TimmNative:
             "create_model": recipe,
             "python": "model = timm.create_model(**create_model); "
             "model.load_state_dict(safetensors.torch.load_file('model.safetensors'))",
+            "python_base": "model = timm.create_model(**json.load(open('adaptkit.json'))['recipe']['create_model'])",
         }
 
     def native_classifier(self, native: nn.Module, head: nn.Linear) -> str | None:
