@@ -44,24 +44,17 @@ def parse_labels(text: str) -> list[str]:
 
 
 def load_image(path: str, channels: int, size: tuple[int, int]) -> Any:
-    """One image as a (channels, H, W) tensor in [-1, 1], resized to ``size``."""
-    import numpy as np
-    import torch
-    from PIL import Image, UnidentifiedImageError
+    """One image as a (channels, H, W) tensor in [-1, 1], bilinear-resized to ``size`` (:func:`adaptkit.images.image_tensor`)."""
+    from pathlib import Path
 
+    from adaptkit.images import image_tensor
+
+    if not Path(path).exists():
+        raise DataError(f"{path}: image not found")
     try:
-        with Image.open(path) as image:
-            image = image.convert("L" if channels == 1 else "RGB")
-            if image.size != (size[1], size[0]):
-                image = image.resize((size[1], size[0]), Image.BILINEAR)
-            array = np.asarray(image, dtype=np.float32)
-    except FileNotFoundError:
-        raise DataError(f"{path}: image not found") from None
-    except (UnidentifiedImageError, OSError) as exc:
-        raise DataError(f"{path}: cannot read image ({exc})") from None
-    tensor = torch.from_numpy(array)
-    tensor = tensor.unsqueeze(0) if tensor.ndim == 2 else tensor.permute(2, 0, 1)
-    return tensor / 127.5 - 1.0
+        return image_tensor(path, channels, size, "IMAGE")
+    except DataError as exc:
+        raise DataError(f"cannot read image: {exc}") from None
 
 
 def rank(model: Any, images: Any, labels: list[str]) -> Any:

@@ -65,32 +65,6 @@ class FileReader:
         return self.paths[i]
 
 
-def read_images(paths: list[Any], mode: str, size: tuple[int, int] | None, resize: bool = True) -> Any:
-    """A few image files as one tensor in [-1, 1] (n, channels, h, w), bilinear-resized to
-    ``size`` (for prompts and sources given as files on the command line, not datasets)."""
-    import numpy as np
-    import torch
-    from PIL import Image
-
-    from adaptkit.errors import DataError
-    from adaptkit_plugins.data.image_samples import SampleError, decode
-
-    arrays = []
-    for path in paths:
-        try:
-            image = decode(lambda: path, str(path)).convert(mode)
-        except SampleError as exc:
-            raise DataError(f"data: {exc}") from None
-        if size is not None and image.size != (size[1], size[0]):
-            if not resize:
-                raise DataError(f"data: {path} is {image.size[0]}x{image.size[1]}, expected {size[1]}x{size[0]} (set data.resize=true to resize)")
-            image = image.resize((size[1], size[0]), Image.BILINEAR)
-        arrays.append(np.asarray(image, dtype=np.float32))
-    stacked = torch.from_numpy(np.stack(arrays))
-    stacked = stacked.unsqueeze(1) if stacked.ndim == 3 else stacked.permute(0, 3, 1, 2)
-    return stacked / 127.5 - 1.0
-
-
 def load_image_folder(params: ImageFolderParams, ctx: Any) -> Any:
     from pathlib import Path
 

@@ -273,10 +273,9 @@ class TextToImageModel(TaskModel):
     def _load_images(self, images: list[str | Path] | torch.Tensor) -> torch.Tensor:
         if isinstance(images, torch.Tensor):
             return images
-        from adaptkit_plugins.data.image_folder import read_images
+        from adaptkit.images import image_tensor
 
-        mode = "L" if getattr(self.backbone, "in_chans", 3) == 1 else "RGB"
-        return read_images([Path(path) for path in images], mode, getattr(self.backbone, "image_size", None), resize=True)
+        return torch.stack([image_tensor(path, self.backbone.in_chans, self.backbone.image_size, "image") for path in images])
 
     # ------------------------------------------------------------------ artifacts
     def write_artifacts(self, metrics: dict[str, Any], output_dir: Path, split: str) -> list[str]:

@@ -327,19 +327,3 @@ def build_clip(clip_spec: dict[str, Any], ctx: Any) -> Any:
 
     clip = build_nested_backbone(clip_spec, ctx, "task.clip", needs=("image_features", "text_features"))
     return clip.requires_grad_(False).eval()
-
-
-def image_tensor(path: str | Path, channels: int, size: int) -> torch.Tensor:
-    """A picture file as (1, channels, size, size) in [-1, 1] (for inversion)."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        picture = Image.open(path)
-        picture = picture.convert("L" if channels == 1 else "RGB").resize((size, size), Image.BICUBIC)
-    except (OSError, UnidentifiedImageError) as exc:
-        raise DataError(f"{path}: cannot read the image ({exc})") from None
-    import numpy as np
-
-    array = torch.from_numpy(np.asarray(picture, dtype="float32") / 127.5 - 1.0)
-    array = array[None] if channels == 1 else array.permute(2, 0, 1)
-    return array[None].contiguous()

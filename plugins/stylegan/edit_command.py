@@ -123,7 +123,7 @@ def main(args: argparse.Namespace) -> int:
     from adaptkit.distributed import resolve_device
     from adaptkit.errors import CompatibilityError, RunError
     from adaptkit.rundir import write_text
-    from adaptkit_plugins.stylegan._clip_edit_impl import image_tensor
+    from adaptkit.images import image_tensor
     from adaptkit_plugins.stylegan.images import save_strips
 
     out = _check_outputs(args)
@@ -156,7 +156,8 @@ def main(args: argparse.Namespace) -> int:
             note = check_image_file(path, "--image", g.img_channels, (g.size, g.size))
             if note:
                 print(f"note: {note}")
-        images = torch.cat([image_tensor(p, g.img_channels, g.size) for p in args.image]).to(device)
+        # bicubic, as the inversion was tuned with: the picture is the target it reconstructs
+        images = torch.stack([image_tensor(p, g.img_channels, g.size, "--image", resample="bicubic") for p in args.image]).to(device)
         result = model.edit(images=images, alphas=alphas)
         names = [Path(p).name for p in args.image]
     elif args.w_file:
