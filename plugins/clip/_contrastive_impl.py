@@ -72,7 +72,7 @@ class ContrastiveModel(TaskModel):
 
     def class_features(self) -> torch.Tensor:
         """Normalised features of each class name in the templates (an ensemble mean when several)."""
-        from adaptkit_plugins.methods.system_prompt import fill
+        from adaptkit.templates import fill
 
         texts = [fill(t, name) for name in self.class_names for t in self.templates]
         features = self.backbone.encode_text(texts, normalize=True).reshape(len(self.class_names), len(self.templates), -1)

@@ -30,7 +30,7 @@ class ContrastiveParams(ComponentParams):
     @field_validator("zero_shot_templates")
     @classmethod
     def _templates(cls, value: list[str]) -> list[str]:
-        from adaptkit_plugins.methods.system_prompt import check_template
+        from adaptkit.templates import check_template
 
         if not value:
             raise ValueError("give at least one template")
