@@ -199,6 +199,39 @@ def _short(exc: Exception) -> str:
 
 
 # ----------------------------------------------------------------- adapters
+def is_local_path(value: str) -> bool:
+    """A ``pretrained:`` value that names a local file or directory, as opposed to a hub tag
+    (``timm/...``, ``hf-hub:...``, ``arch.tag``, ``openai``)."""
+    if value.startswith(("hf-hub:", "timm/")):
+        return False
+    return Path(value).exists() or "/" in value or os.sep in value or Path(value).suffix in {".safetensors", ".pt", ".pth", ".bin"}
+
+
+def check_pretrained_state(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor], path: Any) -> None:
+    """A clear :class:`CheckpointError` unless ``state`` (a ``backbone.pretrained`` file's tensors)
+    has exactly ``own``'s names and shapes."""
+    unexpected = sorted(set(state) - set(own))
+    if unexpected:
+        from adaptkit.registry import registry
+
+        methods = registry().names("method")
+        adapter_like = [k for k in unexpected if any(m in k for m in methods)]
+        hint = " (it looks like an adapter file: merge it first with `adaptkit merge`)" if adapter_like else ""
+        raise CheckpointError(f"backbone.pretrained: {path} holds {len(unexpected)} tensors this model lacks, e.g. {unexpected[0]}{hint}")
+    missing = sorted(set(own) - set(state))
+    if missing:
+        raise CheckpointError(
+            f"backbone.pretrained: {path} lacks {len(missing)} of this model's tensors, e.g. {missing[0]}; "
+            "is it a checkpoint of the same architecture?"
+        )
+    mismatched = [k for k in state if tuple(state[k].shape) != tuple(own[k].shape)]
+    if mismatched:
+        key = mismatched[0]
+        raise CheckpointError(
+            f"backbone.pretrained: {path}: {key} has shape {tuple(state[key].shape)}, the model expects {tuple(own[key].shape)}"
+        )
+
+
 def save_adapter(model: nn.Module, path: str | Path, extra_metadata: dict[str, Any] | None = None) -> Path:
     """Save the trainable state of a built model with its spec and base fingerprint."""
     info = getattr(model, "adaptkit", None)

@@ -93,3 +93,23 @@ def test_a_family_imports_no_private_module_of_another():
                 if imported[0] != family and any(p.startswith("_") for p in imported[1:]):
                     found.append(f"{path.relative_to(ROOT)}: {node.module}")
     assert found == []
+
+
+def test_a_model_family_imports_no_other_model_family():
+    # they meet through the registry (diffusion builds its text encoder as the `clip` backbone by name),
+    # and share what is generic through the core or the generic folders (methods/, tasks/, data/)
+    families = {"timm", "clip", "diffusion", "stylegan"}
+    plugins = ROOT / "plugins"
+    found = []
+    for path in sorted(plugins.rglob("*.py")):
+        family = path.relative_to(plugins).parts[0]
+        if family not in families:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            modules = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            for module in modules:
+                parts = module.split(".")
+                if parts[0] == "adaptkit_plugins" and len(parts) > 1 and parts[1] in families - {family}:
+                    found.append(f"{path.relative_to(ROOT)}: {module}")
+    assert found == []

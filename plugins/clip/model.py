@@ -28,14 +28,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from adaptkit.backbone import Backbone
-from adaptkit.checkpoint import load_weights
+from adaptkit.checkpoint import check_pretrained_state, is_local_path, load_weights
 from adaptkit.errors import CheckpointError, DataError, PluginError, did_you_mean
 from adaptkit.sites import SequenceTokenSite, index_layers
 from adaptkit.surface import AttentionSite, BlockSite, LayerSite, Surface, TextSite, Tower
 from adaptkit_plugins.clip.attention import ClipAttention, from_native, swap_attention, to_native
 from adaptkit_plugins.clip.native import ClipNative
 from adaptkit_plugins.clip.text_site import TextTokenSite
-from adaptkit_plugins.timm.common import check_state, is_local_path
 
 #: prefixes under which checkpoints store a CLIP's weights (adaptkit runs, DDP saves)
 OWN_PREFIXES = ("backbone.net.", "net.", "module.")
@@ -246,7 +245,7 @@ class ClipBackbone(ClipNative, Backbone):
                 state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
                 break
         state = from_native(state)
-        check_state(state, self.net.state_dict(), path)
+        check_pretrained_state(state, self.net.state_dict(), path)
         with torch.no_grad():
             self.net.load_state_dict(state, strict=True)
 

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adaptkit.checkpoint import is_local_path
 from adaptkit.errors import CheckpointError, CompatibilityError
 from adaptkit.surface import LayerSite, Surface
 from adaptkit_plugins.diffusion import weights
@@ -23,7 +24,6 @@ from adaptkit_plugins.diffusion.common import (
     too_many_steps,
 )
 from adaptkit_plugins.diffusion.text_conditioning import build_clip
-from adaptkit_plugins.timm.common import is_local_path
 
 
 class PriorDenoiser:

@@ -2,26 +2,17 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from adaptkit.checkpoint import load_weights
+from adaptkit.checkpoint import check_pretrained_state, is_local_path, load_weights
 from adaptkit.errors import CheckpointError, PluginError, did_you_mean
 from adaptkit.surface import LayerSite
 
 #: prefixes under which adaptkit's own checkpoints store a timm backbone's weights
 OWN_PREFIXES = ("backbone.net.", "net.")
-
-
-def is_local_path(value: str) -> bool:
-    """A local file or directory, as opposed to a hub tag (``timm/...``, ``hf-hub:...``, ``arch.tag``)."""
-    if value.startswith(("hf-hub:", "timm/")):
-        return False
-    return Path(value).exists() or "/" in value or os.sep in value or Path(value).suffix in {".safetensors", ".pt", ".pth", ".bin"}
 
 
 def create(params: Any, ctx: Any, family: str, expected: type[nn.Module]) -> nn.Module:
@@ -159,30 +150,9 @@ def load_local(net: nn.Module, path: str) -> None:
     for key in head_keys:
         if key not in own:
             state.pop(key)
-    check_state(state, own, path)
+    check_pretrained_state(state, own, path)
     with torch.no_grad():
         net.load_state_dict(state, strict=True)
-
-
-def check_state(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor], path: Any) -> None:
-    """A clear :class:`CheckpointError` unless ``state`` has exactly ``own``'s names and shapes."""
-    unexpected = sorted(set(state) - set(own))
-    if unexpected:
-        adapter_like = [k for k in unexpected if any(w in k for w in ("lora", "prompt", "adapter", "prefix"))]
-        hint = " (it looks like an adapter file: merge it first with `adaptkit merge`)" if adapter_like else ""
-        raise CheckpointError(f"backbone.pretrained: {path} holds {len(unexpected)} tensors this model lacks, e.g. {unexpected[0]}{hint}")
-    missing = sorted(set(own) - set(state))
-    if missing:
-        raise CheckpointError(
-            f"backbone.pretrained: {path} lacks {len(missing)} of this model's tensors, e.g. {missing[0]}; "
-            "is it a checkpoint of the same architecture?"
-        )
-    mismatched = [k for k in state if tuple(state[k].shape) != tuple(own[k].shape)]
-    if mismatched:
-        key = mismatched[0]
-        raise CheckpointError(
-            f"backbone.pretrained: {path}: {key} has shape {tuple(state[key].shape)}, the model expects {tuple(own[key].shape)}"
-        )
 
 
 def block_layer_sites(prefix: str, block: nn.Module) -> list[LayerSite]:
