@@ -92,6 +92,7 @@ def build(spec: RunSpec | dict[str, Any] | str, registry: Registry | None = None
 
     data = call_factory(reg, reg.get("data", spec.data.name), spec.data, ctx)
     model: TaskModel = call_factory(reg, reg.get("task", spec.task.name), spec.task, backbone, data.info, ctx)
+    check_training_state(model, spec.task.name)
     backbone.requires_grad_(False)
 
     applied: list[AppliedMethod] = []
@@ -100,6 +101,18 @@ def build(spec: RunSpec | dict[str, Any] | str, registry: Registry | None = None
         applied.append(call_factory(reg, reg.get("method", params.name), params, surface, ctx))
     model.adaptkit = BuildInfo(spec, base_fp, applied, data.info, data if keep_data else None)
     return model
+
+
+def check_training_state(model: TaskModel, task: str) -> None:
+    """A task that keeps training state implements all of :class:`~adaptkit.capabilities.KeepsTrainingState`:
+    one member alone (``extra_state`` without ``finish_training``) would be silently ignored."""
+    from adaptkit.capabilities import KeepsTrainingState
+
+    members = [name for name in ("extra_state", "load_extra_state", "finish_training") if callable(getattr(model, name, None))]
+    if members and not isinstance(model, KeepsTrainingState):
+        missing = sorted({"extra_state", "load_extra_state", "finish_training"} - set(members))
+        raise PluginError(f"task '{task}': its model has {', '.join(members)} but not {', '.join(missing)}; "
+                          "a task that keeps training state implements all three (adaptkit.capabilities.KeepsTrainingState)")
 
 
 def call_factory(registry: Registry, record: Any, *args: Any) -> Any:

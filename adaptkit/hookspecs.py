@@ -159,7 +159,7 @@ def adaptkit_train_start(run: RunInfo) -> None:
 @hookspec
 def adaptkit_train_step(run: RunInfo, step: int, logs: dict[str, float]) -> None:
     """After optimizer step ``step`` (1-based), on the main process: ``logs`` holds ``loss``
-    (this process's mean), ``lr`` and ``samples_per_second``, plus the task's own step logs.
+    (this process's mean), ``lr`` and ``samples_per_second``.
 
         @hookimpl
         def adaptkit_train_step(step, logs):

@@ -192,7 +192,7 @@ class RunInfo:
     """What the training-lifecycle hooks receive about the run they observe.
 
     ``spec`` is the run's :class:`~adaptkit.spec.RunSpec` (None for a trainer built without
-    one), ``output_dir`` the directory its files go to, ``total_steps`` the optimizer steps of
+    one), ``train`` the :class:`~adaptkit.spec.TrainSpec` it trains with, ``output_dir`` the directory its files go to, ``total_steps`` the optimizer steps of
     the whole run and ``start_step`` where this process starts (0, or the step a resume
     continues from), ``history`` the evaluation records so far (restored ones when resuming),
     ``primary_metric`` the metric the task follows, ``log`` prints a line for the user.
@@ -206,6 +206,7 @@ class RunInfo:
     history: list[dict[str, Any]] = field(default_factory=list)
     primary_metric: str = "loss"
     log: Callable[[str], None] = print
+    train: Any = None
     state: dict[str, Any] = field(default_factory=dict)
 
 

@@ -218,7 +218,8 @@ class Trainer:
                          self.total_steps, self.seed, self.dist, self.data.augment_dims if self.data.augment else 0)
         loader = PlannedLoader(self.data.train, plan, self.loader_options, self.data.augment)
         batches = iter(loader)
-        run = RunInfo(self.spec, self.output_dir, self.total_steps, progress.step, result.history, model.primary_metric, self.log)
+        run = RunInfo(self.spec, self.output_dir, self.total_steps, progress.step, result.history, model.primary_metric, self.log,
+                      train=self.cfg)
         progress.started = time.perf_counter()
         with self._observed(run):
             for step, global_count, micro_batches in plan.steps():

@@ -184,3 +184,23 @@ def test_a_command_name_taken_twice_names_both(with_plugins):
     with pytest.raises(PluginError, match="command 'edit' is added twice") as info:
         parser()
     assert "'adaptkit_plugins.stylegan.edit_command'" in str(info.value) and "'clash_plugin'" in str(info.value)
+
+
+def test_a_task_with_part_of_the_training_state_protocol_is_refused():
+    from adaptkit.builder import check_training_state
+
+    class HalfEma:
+        def extra_state(self):
+            return {}
+
+        def load_extra_state(self, tensors):
+            pass
+
+    with pytest.raises(PluginError, match="task 'half': its model has extra_state, load_extra_state but not finish_training"):
+        check_training_state(HalfEma(), "half")
+
+    class WholeEma(HalfEma):
+        def finish_training(self):
+            pass
+
+    check_training_state(WholeEma(), "whole")  # all three: fine

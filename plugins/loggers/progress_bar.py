@@ -16,7 +16,7 @@ class ProgressBar:
 
     @hookimpl
     def adaptkit_train_start(self, run: RunInfo) -> None:
-        if run.spec is not None and not run.spec.train.progress:
+        if run.train is not None and not run.train.progress:
             return
         from tqdm.auto import tqdm
 
