@@ -119,13 +119,18 @@ def call_factory(registry: Registry, record: Any, *args: Any) -> Any:
     """``record.factory(*args)``, with what it raises naming the component and the plugin that registered it.
 
     A data source that cannot split or read the user's data raises ValueError (scikit-learn's
-    "the least populated class has only 1 member"): a :class:`DataError`. A third-party
+    "the least populated class has only 1 member"): a :class:`DataError`; a DataError of a data
+    source names it. A third-party
     factory's other failures are a :class:`PluginError` naming its package (the rest of
     adaptkit works; the plugin's authors can fix it); a built-in's stay internal errors
     (a bug here), with a note naming it.
     """
     try:
         return record.factory(*args)
+    except DataError as exc:  # say which data source could not use the data (the user may have several specs)
+        if record.kind == "data" and f"data '{record.name}'" not in str(exc):
+            raise DataError(f"data '{record.name}': {exc}") from None
+        raise
     except AdaptkitError:
         raise
     except (Exception, SystemExit) as exc:  # (a factory calling sys.exit would end adaptkit silently)
