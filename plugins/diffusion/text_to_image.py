@@ -54,14 +54,14 @@ class TextToImageFlags:
     """The flags of ``adaptkit generate`` for a text_to_image run: what to sample and how."""
 
     def add_arguments(self, group: Any) -> None:
-        group.add_argument("--prompt", dest="prompts", action="append", default=[], help="a text prompt (repeatable; one grid row each)")
-        group.add_argument("--class", dest="classes", action="append", default=[], help="a class name (repeatable)")
-        group.add_argument("--image", dest="images", action="append", default=[],
+        group.add_argument("--prompt", dest="prompts", metavar="TEXT", action="append", default=[], help="a text prompt (repeatable; one grid row each)")
+        group.add_argument("--class", dest="classes", metavar="NAME", action="append", default=[], help="a class name (repeatable)")
+        group.add_argument("--image", dest="images", metavar="PATH", action="append", default=[],
                            help="a source image for variations (backbones conditioned on images; repeatable)")
-        group.add_argument("--steps", type=int, default=None, help="sampling steps (default: the task's, 50)")
+        group.add_argument("--steps", metavar="N", type=int, default=None, help="sampling steps (default: the task's, 50)")
         group.add_argument("--sampler", choices=["ddim", "ddpm"], default=None, help="scheduler (default: the task's, ddim)")
-        group.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the task's)")
-        group.add_argument("--eta", type=float, default=None, help="DDIM eta (0: deterministic)")
+        group.add_argument("--guidance", metavar="SCALE", type=float, default=None, help="classifier-free guidance scale (default: the task's)")
+        group.add_argument("--eta", metavar="ETA", type=float, default=None, help="DDIM eta (0: deterministic)")
 
     def read(self, args: Any, model: Any) -> tuple[dict[str, Any], list[str]]:
         from pathlib import Path
