@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from adaptkit.errors import CheckpointError, CompatibilityError
-from adaptkit.method import AppliedMethod
+from adaptkit.method import AppliedMethod, free_child_name
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 
@@ -152,7 +152,7 @@ class AdapterSet:
             self._broken = f"adapter '{name}' holds method '{bad[0]}', which cannot be switched off"
             raise CompatibilityError(
                 f"adapter '{name}': method '{bad[0]}' cannot be switched off and on, so it cannot be one of several "
-                "adapters (lora and adapter can); in Python, this AdapterSet's model now holds it: start a new one"
+                "adapters (switchable methods can); in Python, this AdapterSet's model now holds it: start a new one"
             )
         try:
             task_state = {n: t.clone() for n, t in self._base_task_state.items()}
@@ -212,7 +212,8 @@ class AdapterSet:
                 for child_name, child in list(parent._modules.items()):
                     if child is not None and id(child) in new and (id(parent), child_name) in taken:
                         del parent._modules[child_name]
-                        parent._modules[_free(parent, f"{child_name}_{name}", taken)] = child
+                        mine = {n for owner, n in taken if owner == id(parent)}
+                        parent._modules[free_child_name(parent, f"{child_name}_{name}", mine)] = child
         finally:
             for parent, child_name, child in hidden:
                 parent._modules[child_name] = child
@@ -375,14 +376,12 @@ class AdapterSet:
         if path.suffix == ".safetensors":
             save_tensors(path, adapter.state(), metadata)
             return [path.name]
-        import time
+        from adaptkit.rundir import write_saved_run
 
         path.mkdir(parents=True, exist_ok=True)
-        (path / "spec.yaml").write_text(spec.to_yaml())
         save_tensors(path / "adapter.safetensors", adapter.state(), metadata)
-        run = {"name": name, "spec_fingerprint": spec.fingerprint(), "status": "combined" if adapter.source and " x " in adapter.source else "saved",
-               "adaptkit_version": __version__, "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "source": adapter.source}
-        (path / "run.json").write_text(json.dumps(run, indent=2) + "\n")
+        status = "combined" if adapter.source and " x " in adapter.source else "saved"
+        write_saved_run(path, spec, status, name=name, note={"source": adapter.source})
         return ["spec.yaml", "adapter.safetensors", "run.json"]
 
     def __repr__(self) -> str:
@@ -393,9 +392,3 @@ class AdapterSet:
 def _plain(params: Any) -> Any:
     return params.model_dump(mode="json") if hasattr(params, "model_dump") else params
 
-
-def _free(parent: nn.Module, base: str, taken: set[tuple[int, str]]) -> str:
-    name, index = base, 1
-    while name in parent._modules or (id(parent), name) in taken:
-        name, index = f"{base}_{index}", index + 1
-    return name

@@ -89,6 +89,12 @@ class Backbone(nn.Module):
         qualified name in ``native``, or None where the native model has no place for one."""
         return None
 
+    def native_config_files(self, native: nn.Module, directory: Path) -> list[str]:
+        """Write the files besides the weights that plain library code needs to create ``native``'s
+        architecture (open_clip's ``open_clip_config.json``); return their names. Written by
+        ``adaptkit merge`` (in :meth:`save_native`) and ``adaptkit export`` alike. Default: none."""
+        return []
+
     def save_native(self, native: nn.Module, directory: Path, recipe: dict[str, Any]) -> list[str]:
         """Write ``native``'s weights in the native library's own layout; return the file names.
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from adaptkit.backbone import Backbone
 from adaptkit.checkpoint import fingerprint
 from adaptkit.compat import check_spec
 from adaptkit.data import DataBundle, DataInfo
@@ -90,6 +92,7 @@ def build(spec: RunSpec | dict[str, Any] | str, registry: Registry | None = None
 
     data = call_factory(reg, reg.get("data", spec.data.name), spec.data, ctx)
     model: TaskModel = call_factory(reg, reg.get("task", spec.task.name), spec.task, backbone, data.info, ctx)
+    check_training_state(model, spec.task.name)
     backbone.requires_grad_(False)
 
     applied: list[AppliedMethod] = []
@@ -98,6 +101,18 @@ def build(spec: RunSpec | dict[str, Any] | str, registry: Registry | None = None
         applied.append(call_factory(reg, reg.get("method", params.name), params, surface, ctx))
     model.adaptkit = BuildInfo(spec, base_fp, applied, data.info, data if keep_data else None)
     return model
+
+
+def check_training_state(model: TaskModel, task: str) -> None:
+    """A task that keeps training state implements all of :class:`~adaptkit.capabilities.KeepsTrainingState`:
+    one member alone (``extra_state`` without ``finish_training``) would be silently ignored."""
+    from adaptkit.capabilities import KeepsTrainingState
+
+    members = [name for name in ("extra_state", "load_extra_state", "finish_training") if callable(getattr(model, name, None))]
+    if members and not isinstance(model, KeepsTrainingState):
+        missing = sorted({"extra_state", "load_extra_state", "finish_training"} - set(members))
+        raise PluginError(f"task '{task}': its model has {', '.join(members)} but not {', '.join(missing)}; "
+                          "a task that keeps training state implements all three (adaptkit.capabilities.KeepsTrainingState)")
 
 
 def call_factory(registry: Registry, record: Any, *args: Any) -> Any:
@@ -126,6 +141,30 @@ def call_factory(registry: Registry, record: Any, *args: Any) -> Any:
             raise PluginError(f"{where} failed to build: {type(exc).__name__}: {_first_line(exc)}; report it to the plugin's authors") from exc
         exc.add_note(f"raised while building {where}")
         raise
+
+
+def build_nested_backbone(spec: Mapping[str, Any], ctx: BuildContext, where: str, name: str | None = None,
+                          needs: Collection[str] = ()) -> Backbone:
+    """A backbone built inside another component (a diffusion UNet's text encoder, the CLIP that
+    guides an edit) from its spec fragment (``{model: ..., pretrained: ...}``), in a context of
+    its own. ``name`` fixes the backbone where the fragment may not choose it; ``needs`` are
+    capabilities it must have. Errors name ``where`` (the YAML path of the fragment).
+
+    Example::
+
+        encoder = build_nested_backbone(params.text_encoder, ctx, "backbone.text_encoder", name="clip")
+    """
+    chosen = name or spec.get("name")
+    if not isinstance(chosen, str) or chosen not in ctx.registry.names("backbone"):
+        raise PluginError(f"{where}: needs the '{chosen}' backbone, which is not registered")
+    record = ctx.registry.get("backbone", chosen)
+    params = record.params.model_validate({**spec, "name": chosen})
+    backbone = call_factory(ctx.registry, record, params, BuildContext(spec=ctx.spec, registry=ctx.registry))
+    backbone.registered_name = record.name
+    missing = sorted(set(needs) - backbone.capabilities)
+    if missing:
+        raise CompatibilityError(f"{where}: backbone '{record.name}' lacks the capabilities this needs: {', '.join(missing)}")
+    return backbone
 
 
 def _first_line(exc: BaseException) -> str:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from adaptkit.errors import CheckpointError
-from adaptkit.rundir import create_temp_file, file_mode
+from adaptkit.rundir import atomic_path, file_mode
 
 FORMAT = "adaptkit.adapter/1"
 
@@ -99,16 +99,11 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: d
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items() if k not in (TENSORS_HASH, CONTENT_HASH)}
     meta[TENSORS_HASH] = _content_hash(clean)  # what adaptkit before 0.1.1 checks
     meta[CONTENT_HASH] = _content_hash(clean, meta)
-    tmp = create_temp_file(path)
-    try:
+    with atomic_path(path) as tmp:
         save_file(clean, tmp, metadata=meta)
         os.chmod(tmp, file_mode())  # safetensors creates 0600 files; follow the umask as every other tool does
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 
@@ -204,6 +199,39 @@ def _short(exc: Exception) -> str:
 
 
 # ----------------------------------------------------------------- adapters
+def is_local_path(value: str) -> bool:
+    """A ``pretrained:`` value that names a local file or directory, as opposed to a hub tag
+    (``timm/...``, ``hf-hub:...``, ``arch.tag``, ``openai``)."""
+    if value.startswith(("hf-hub:", "timm/")):
+        return False
+    return Path(value).exists() or "/" in value or os.sep in value or Path(value).suffix in {".safetensors", ".pt", ".pth", ".bin"}
+
+
+def check_pretrained_state(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor], path: Any) -> None:
+    """A clear :class:`CheckpointError` unless ``state`` (a ``backbone.pretrained`` file's tensors)
+    has exactly ``own``'s names and shapes."""
+    unexpected = sorted(set(state) - set(own))
+    if unexpected:
+        from adaptkit.registry import registry
+
+        methods = registry().names("method")
+        adapter_like = [k for k in unexpected if any(m in k for m in methods)]
+        hint = " (it looks like an adapter file: merge it first with `adaptkit merge`)" if adapter_like else ""
+        raise CheckpointError(f"backbone.pretrained: {path} holds {len(unexpected)} tensors this model lacks, e.g. {unexpected[0]}{hint}")
+    missing = sorted(set(own) - set(state))
+    if missing:
+        raise CheckpointError(
+            f"backbone.pretrained: {path} lacks {len(missing)} of this model's tensors, e.g. {missing[0]}; "
+            "is it a checkpoint of the same architecture?"
+        )
+    mismatched = [k for k in state if tuple(state[k].shape) != tuple(own[k].shape)]
+    if mismatched:
+        key = mismatched[0]
+        raise CheckpointError(
+            f"backbone.pretrained: {path}: {key} has shape {tuple(state[key].shape)}, the model expects {tuple(own[key].shape)}"
+        )
+
+
 def save_adapter(model: nn.Module, path: str | Path, extra_metadata: dict[str, Any] | None = None) -> Path:
     """Save the trainable state of a built model with its spec and base fingerprint."""
     info = getattr(model, "adaptkit", None)

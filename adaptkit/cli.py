@@ -1,7 +1,7 @@
 """The ``adaptkit`` command line.
 
-Each sub-command lives in :mod:`adaptkit.commands` as a module with ``add_parser``
-and ``main``. User errors (:class:`~adaptkit.errors.AdaptkitError`) print one clear
+Each core sub-command lives in :mod:`adaptkit.commands` as a module with ``add_parser``
+and ``main``; plugins add theirs through the ``adaptkit_commands`` hook. User errors (:class:`~adaptkit.errors.AdaptkitError`) print one clear
 message and exit 2; anything else is an internal error (exit 1).
 """
 
@@ -26,7 +26,6 @@ COMMANDS = [
     "report",
     "generate",
     "classify",
-    "edit",
     "export",
     "import",
     "merge",
@@ -35,7 +34,10 @@ COMMANDS = [
 
 
 def parser() -> argparse.ArgumentParser:
+    """The command line: the core's commands, then those the plugins add."""
     from adaptkit import __version__
+    from adaptkit.commands import Commands
+    from adaptkit.registry import registry
 
     top = argparse.ArgumentParser(prog="adaptkit", description="Parameter-efficient adaptation of vision, CLIP and diffusion models.")
     top.add_argument("--version", action="version", version=f"adaptkit {__version__}")
@@ -48,6 +50,7 @@ def parser() -> argparse.ArgumentParser:
         module = importlib.import_module(f"adaptkit.commands.{module_name}")
         command = module.add_parser(sub)
         command.set_defaults(_main=module.main)
+    registry().add_commands(Commands(sub, owners={name: "adaptkit" for name in COMMANDS}))
     return top
 
 
@@ -66,7 +69,11 @@ def environment_problem(exc: OSError) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    top = parser()
+    try:
+        top = parser()
+    except AdaptkitError as exc:  # a broken registry file or built-in plugin: nothing can run
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     # overrides (key=value) may come after options: `run spec.yaml --overwrite train.lr=1e-3`
     args, extra = top.parse_known_args(argv)
     if extra:

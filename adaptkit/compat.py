@@ -5,15 +5,18 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from adaptkit.errors import CompatibilityError, did_you_mean
 from adaptkit.records import BackboneRecord, DataRecord, MethodRecord, TaskRecord, TowerInfo
+from adaptkit.towers import resolve_towers
 
 
 def tower_names(tower: str | Sequence[str] | None, towers: Mapping[str, TowerInfo]) -> list[str] | None:
-    """Resolve a method's ``tower`` option to tower names; None if it names an unknown tower."""
-    if tower in (None, "all", "both"):
-        return list(towers)
-    names = [tower] if isinstance(tower, str) else list(tower)
-    return names if all(n in towers for n in names) else None
+    """Resolve a method's ``tower`` option to tower names; None if it names an unknown tower
+    (:func:`adaptkit.towers.resolve_towers` without a site kind)."""
+    try:
+        return resolve_towers(tower, {name: info.sites for name, info in towers.items()}, None, "", "")
+    except CompatibilityError:
+        return None
 
 
 def require(
@@ -21,38 +24,28 @@ def require(
     backbone: str,
     towers: Mapping[str, TowerInfo],
     tower: str | Sequence[str] | None,
-    site: str | Sequence[str],
+    site: str | Sequence[str] | None,
     roles: Sequence[str] = (),
 ) -> list[str]:
-    """Problems if no chosen tower offers ``site`` (or any of several sites) or a role is absent.
+    """Problems if no chosen tower offers ``site`` (or any of several sites; None: a named
+    tower that does not exist is the only problem) or a role is absent.
 
-    For use in a :class:`~adaptkit.records.MethodRecord` ``check``::
+    The towers are chosen by :func:`adaptkit.towers.resolve_towers`, the rule the build
+    uses too. For use in a :class:`~adaptkit.records.MethodRecord` ``check``::
 
         def check(params, backbone, towers):
             return require("lora", backbone, towers, params.tower, "layers", params.targets)
     """
-    names = tower_names(tower, towers)
-    if names == []:
-        return [f"method '{method}': tower is an empty list; name towers of backbone '{backbone}' ({', '.join(towers) or 'none'}) or 'all'"]
-    if names is None:
-        return [f"method '{method}': backbone '{backbone}' has no tower '{tower}'; towers: {', '.join(towers) or 'none'}"]
-    if not names:
-        return [f"method '{method}': tower names no tower; give all or some of: {', '.join(towers) or 'none'}"]
-    sites = [site] if isinstance(site, str) else list(site)
-    explicit = tower not in (None, "all", "both")
-    offering = [n for n in names if any(s in towers[n].sites for s in sites)]
-    wanted = " or ".join(sites)
-    if not offering or (explicit and len(offering) < len(names)):
-        missing = [n for n in names if n not in offering] or names
-        where = f"tower '{missing[0]}' of backbone '{backbone}'" if explicit else f"backbone '{backbone}'"
-        return [f"method '{method}' needs {wanted} sites, but {where} has none"]
+    sites = None if site is None else [site] if isinstance(site, str) else list(site)
+    try:
+        offering = resolve_towers(tower, {name: info.sites for name, info in towers.items()}, sites, method, backbone)
+    except CompatibilityError as exc:
+        return [str(exc)]
     problems = []
     if roles:
         available = set().union(*(towers[n].roles for n in offering))
         for role in roles:
             if role not in available:
-                from adaptkit.errors import did_you_mean
-
                 problems.append(
                     f"method '{method}': backbone '{backbone}' has no layers with role '{role}'"
                     f"{did_you_mean(role, available)}; roles: {', '.join(sorted(available))}"

@@ -48,6 +48,31 @@ def open_image(path: str | Path, where: str = "data") -> Any:
         raise DataError(f"{where} {path}: cannot read the image ({_first_line(exc)})") from None
 
 
+def image_tensor(path: str | Path, channels: int, size: int | tuple[int, int] | None, where: str = "data",
+                 resample: str = "bilinear") -> torch.Tensor:
+    """One image file as a (channels, H, W) float tensor in [-1, 1] (adaptkit's pixel convention),
+    converted to grey or RGB and resized to ``size`` (H, W) with Pillow's ``resample`` filter.
+    The one reader of single image files given by hand (``classify``, ``generate --image``,
+    ``edit --image``); errors are :func:`open_image`'s.
+
+    Example::
+
+        image_tensor("cat.png", 3, (224, 224), "--image")   # tensor (3, 224, 224)
+    """
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    image = open_image(path, where).convert("L" if channels == 1 else "RGB")
+    if size is not None:
+        height, width = (size, size) if isinstance(size, int) else size
+        if image.size != (width, height):
+            image = image.resize((width, height), Image.Resampling[resample.upper()])
+    array = torch.from_numpy(np.asarray(image, dtype=np.float32))
+    array = array[None] if array.ndim == 2 else array.permute(2, 0, 1)
+    return array / 127.5 - 1.0
+
+
 def _first_line(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
     return lines[0][:160] if lines else type(exc).__name__

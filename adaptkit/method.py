@@ -2,10 +2,25 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
 from adaptkit.errors import CompatibilityError
+
+
+def free_child_name(parent: Any, base: str, taken: Collection[str] = ()) -> str:
+    """The first of ``base``, ``base_1``, ``base_2``, ... that ``parent`` (a module) has no
+    attribute of and that is not in ``taken``: the name under which a method attaches what it adds.
+
+    Example::
+
+        layer.add_module(free_child_name(layer, "lora"), delta)   # "lora", or "lora_1" when stacked
+    """
+    name, index = base, 1
+    while hasattr(parent, name) or name in taken:
+        name, index = f"{base}_{index}", index + 1
+    return name
 
 
 @dataclass

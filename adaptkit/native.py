@@ -12,7 +12,9 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,13 +55,13 @@ def spec_of_run(source: str | Path) -> tuple[Any, Path]:
     from adaptkit.checkpoint import read_metadata
     from adaptkit.spec import load_spec, stored_spec
 
+    from adaptkit.rundir import locate_run
+
     source = Path(source)
     spec_file = None
-    if source.is_dir():
-        adapter = source / "adapter.safetensors"
-        if not adapter.is_file():
-            raise RunError(f"{source}: no adapter.safetensors (is it a finished run directory?)")
-        spec_file = source / "spec.yaml" if (source / "spec.yaml").is_file() else None
+    if source.is_dir():  # (an adapter's own metadata holds its spec: spec.yaml may be missing)
+        run = locate_run(source, need_adapter=True, need_spec=False)
+        adapter, spec_file = run.adapter, run.spec_file
     elif source.is_file() and source.suffix.lower() in (".yaml", ".yml", ".json"):
         raise RunError(f"{source}: a spec, not a trained run; give the run directory (or its adapter.safetensors)")
     else:
@@ -109,6 +111,36 @@ def added_tensor_ids(model: nn.Module) -> set[int]:
     return ids
 
 
+@contextlib.contextmanager
+def temporarily_merged(model: nn.Module) -> Iterator[None]:
+    """Fold every method of ``model`` into its base weights for the duration of the block; afterwards
+    every tensor except the methods' own is as it was, bit for bit.
+
+    (Unmerging subtracts what merging added, which rounds: W + d - d != W; so the weights are
+    copied first and put back.) The methods must be mergeable.
+
+    Example::
+
+        with temporarily_merged(model):
+            save_generator(model.backbone.generator, "generator.safetensors")
+    """
+    added = added_tensor_ids(model)
+    saved = [(t, t.detach().clone()) for t in model.state_dict(keep_vars=True).values() if id(t) not in added]
+    merged = []
+    try:
+        for method in model.adaptkit.methods:
+            if not method.merged:
+                method.merge()
+                merged.append(method)
+        yield
+    finally:
+        for method in reversed(merged):
+            method.unmerge()
+        with torch.no_grad():
+            for tensor, value in saved:
+                tensor.copy_(value)
+
+
 def native_copy(model: nn.Module) -> NativeModel:
     """A plain library model with ``model``'s current backbone weights (and the task's native modules).
 
@@ -150,25 +182,11 @@ def merge_to_native(model: nn.Module, directory: str | Path | None = None) -> Na
         if not method.mergeable:
             raise CompatibilityError(
                 f"method '{method.name}' cannot be merged into the base weights; only mergeable methods "
-                "(lora, full) make a plain model"
+                "make a plain model"
             )
     check_native_reach(model)
-    added = added_tensor_ids(model)
-    # unmerging subtracts what merging added, which rounds (W + d - d != W): the weights are put back as they were
-    saved = [(t, t.detach().clone()) for t in model.state_dict(keep_vars=True).values() if id(t) not in added]
-    merged = []
-    try:
-        for method in methods:
-            if not method.merged:
-                method.merge()
-                merged.append(method)
+    with temporarily_merged(model):
         result = native_copy(model)
-    finally:
-        for method in reversed(merged):
-            method.unmerge()
-        with torch.no_grad():
-            for tensor, value in saved:
-                tensor.copy_(value)
     if directory is not None:
         save_native(model, result, directory)
     return result
@@ -234,16 +252,10 @@ def save_native(model: nn.Module, result: NativeModel, directory: str | Path) ->
 def save_run(model: nn.Module, directory: str | Path, status: str, note: dict[str, Any] | None = None) -> list[str]:
     """Write a built model as a run directory (spec.yaml, adapter.safetensors, run.json) that
     ``adaptkit export`` / ``merge`` / ``load_trained`` accept like a trained run."""
-    import time
-
-    from adaptkit import __version__
     from adaptkit.checkpoint import save_adapter
+    from adaptkit.rundir import write_saved_run
 
     directory = Path(directory)
-    spec = model.adaptkit.spec
-    (directory / "spec.yaml").write_text(spec.to_yaml())
     save_adapter(model, directory / "adapter.safetensors")
-    run = {"name": spec.name or directory.name, "spec_fingerprint": spec.fingerprint(), "status": status,
-           "adaptkit_version": __version__, "started": time.strftime("%Y-%m-%dT%H:%M:%S"), **(note or {})}
-    (directory / "run.json").write_text(json.dumps(run, indent=2, default=str) + "\n")
+    write_saved_run(directory, model.adaptkit.spec, status, note=note)
     return ["spec.yaml", "adapter.safetensors", "run.json"]

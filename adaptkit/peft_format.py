@@ -251,7 +251,7 @@ def export_peft(model: nn.Module, directory: str | Path, include_base: bool = Fa
     directory.mkdir(parents=True, exist_ok=True)
     (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     save_tensors(directory / WEIGHTS_FILE, tensors, {"format": "pt"})
-    files = [CONFIG_FILE, WEIGHTS_FILE]
+    files = [CONFIG_FILE, WEIGHTS_FILE, *model.backbone.native_config_files(native.model, directory)]
     leftover = leftover_task_tensors(model, native)
     if leftover:
         save_tensors(directory / "task_modules.safetensors", leftover, {"format": "adaptkit.task_modules/1"})
@@ -283,8 +283,11 @@ def _readme(config: dict[str, Any], native: NativeModel, files: list[str], notes
         + (f", modules_to_save {config['modules_to_save']}" if config["modules_to_save"] else "") + ".", "",
         f"Base model ({recipe.get('library', 'native library')}): `{json.dumps({k: v for k, v in recipe.items() if k != 'python'})}`", "",
         "```python",
+        "import json, safetensors.torch",
         "from peft import PeftModel",
-        f"# {recipe.get('python', 'create the base model and load its weights')}",
+        recipe["python_base"] if "python_base" in recipe else f"# {recipe.get('python', 'create the base model')}",
+        "model.load_state_dict(safetensors.torch.load_file('base_model.safetensors'))" if "base_model.safetensors" in files
+        else "# load the base weights the adapter was trained on (or export with --include-base: base_model.safetensors)",
         "model = PeftModel.from_pretrained(model, '<this directory>')",
         "```", "",
     ]
@@ -369,13 +372,13 @@ def _pattern_value(patterns: dict[str, Any], name: str, default: Any) -> Any:
 
 def _split_lora(tensors: dict[str, torch.Tensor], modules_to_save: list[str]) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
     """{module: {"A": .., "B": ..}} and the modules_to_save tensors, by native names."""
-    lora: dict[str, dict[str, torch.Tensor]] = {}
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
     saved: dict[str, torch.Tensor] = {}
     pattern = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
     for key, value in tensors.items():
         match = pattern.match(key)
         if match:
-            lora.setdefault(match["module"], {})[match["which"]] = value
+            pairs.setdefault(match["module"], {})[match["which"]] = value
             continue
         clean = re.sub(r"\.modules_to_save(\.[^.]+)?\.", ".", key)
         module = clean.rsplit(".", 1)[0]
@@ -383,10 +386,10 @@ def _split_lora(tensors: dict[str, torch.Tensor], modules_to_save: list[str]) ->
             saved[clean] = value
         else:
             raise CheckpointError(f"PEFT tensor '{key}' is neither a LoRA factor nor part of modules_to_save {modules_to_save}")
-    for module, pair in lora.items():
+    for module, pair in pairs.items():
         if set(pair) != {"A", "B"}:
             raise CheckpointError(f"PEFT module '{module}' has lora_{next(iter(pair))} but not its partner")
-    return lora, saved
+    return pairs, saved
 
 
 def import_peft(directory: str | Path, base_spec: Any = None, registry: Any = None, method: str | None = None, check_base: bool = True) -> nn.Module:
@@ -423,13 +426,13 @@ def import_peft(directory: str | Path, base_spec: Any = None, registry: Any = No
             f"this spec's base is {base.adaptkit.base_fingerprint}); give the spec of the base it was trained on"
         )
     native = native_copy(base)
-    lora, saved = _split_lora(tensors, list(config.get("modules_to_save") or []))
+    pairs, saved = _split_lora(tensors, list(config.get("modules_to_save") or []))
     by_native = _our_layers(base)
     use_rslora = bool(config.get("use_rslora", False))
     default_alpha = float(config.get("lora_alpha", 8))
     layers: dict[str, tuple[int, float]] = {}
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    for module, pair in lora.items():
+    for module, pair in pairs.items():
         alpha = float(_pattern_value(config.get("alpha_pattern") or {}, module.replace(".base_layer.out_proj", ""), default_alpha))
         native_name = _native_layer_name(native.model, module)
         if native_name not in by_native:

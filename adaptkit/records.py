@@ -9,9 +9,57 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from adaptkit.params import ComponentParams
+
+if TYPE_CHECKING:  # torch-free at run time: records are listed without building anything
+    from adaptkit.backbone import Backbone
+    from adaptkit.builder import BuildContext
+    from adaptkit.data import DataBundle, DataInfo
+    from adaptkit.method import AppliedMethod
+    from adaptkit.surface import Surface
+    from adaptkit.task import TaskModel
+
+
+class BackboneFactory(Protocol):
+    """``factory(params, ctx) -> Backbone``: build the backbone the params describe."""
+
+    def __call__(self, params: Any, ctx: BuildContext, /) -> Backbone: ...
+
+
+class MethodFactory(Protocol):
+    """``factory(params, surface, ctx) -> AppliedMethod``: apply the method to the surface's sites."""
+
+    def __call__(self, params: Any, surface: Surface, ctx: BuildContext, /) -> AppliedMethod: ...
+
+
+class TaskFactory(Protocol):
+    """``factory(params, backbone, data_info, ctx) -> TaskModel``: the task's model around the backbone."""
+
+    def __call__(self, params: Any, backbone: Backbone, data_info: DataInfo, ctx: BuildContext, /) -> TaskModel: ...
+
+
+class GenerateOptions(Protocol):
+    """The flags a generating task adds to ``adaptkit generate`` (see :class:`adaptkit.capabilities.Generates`).
+
+    ``add_arguments(group)`` adds them to the command's argument group for the task (cheap:
+    no torch). ``read(args, model)`` checks their values once the run is loaded (raising
+    :class:`~adaptkit.errors.AdaptkitError` for a bad one, printing ``note:`` lines where it
+    adapts an input) and returns the keyword arguments for ``model.generate`` and the input
+    files they name (which the outputs must never overwrite).
+    """
+
+    def add_arguments(self, group: Any) -> None: ...
+
+    def read(self, args: Any, model: Any) -> tuple[dict[str, Any], list[str]]: ...
+
+
+class DataFactory(Protocol):
+    """``factory(params, ctx) -> DataBundle``: the data source's splits (lazily read)."""
+
+    def __call__(self, params: Any, ctx: BuildContext, /) -> DataBundle: ...
 
 #: Site kinds a tower can offer (see design.md, "the adaptation surface").
 SITE_KINDS = ("layers", "blocks", "attention", "tokens", "text")
@@ -57,6 +105,7 @@ class BackboneRecord(Record):
     backbone, e.g. ``{"image_features"}`` for ``encode_image``.
     """
 
+    factory: BackboneFactory
     towers: Mapping[str, TowerInfo] | Callable[[Any], Mapping[str, TowerInfo]] = field(default_factory=dict)
     capabilities: frozenset[str] = frozenset()
     kind: ClassVar[str] = "backbone"
@@ -87,6 +136,7 @@ class MethodRecord(Record):
     backbone modules of ``modules_to_save``.
     """
 
+    factory: MethodFactory
     check: Callable[[Any, str, Mapping[str, TowerInfo]], list[str]] | None = None
     recommended: Mapping[str, float] = field(default_factory=dict)
     for_layers: Callable[..., ComponentParams] | None = None
@@ -99,11 +149,15 @@ class TaskRecord(Record):
     """A task: ``factory(params, backbone, data_info, context) -> adaptkit.task.TaskModel``.
 
     ``needs`` lists backbone capabilities the task uses; ``data_kinds`` the kinds of
-    data bundle it trains on (``"labelled_images"``, ...).
+    data bundle it trains on (``"labelled_images"``, ...); ``generate_options`` the flags
+    its ``adaptkit generate`` takes (a task that generates).
     """
 
+    factory: TaskFactory
     needs: frozenset[str] = frozenset()
     data_kinds: frozenset[str] = frozenset()
+    #: the flags of ``adaptkit generate`` for a task whose model generates images
+    generate_options: GenerateOptions | None = None
     kind: ClassVar[str] = "task"
 
 
@@ -114,6 +168,7 @@ class DataRecord(Record):
     ``provides`` is the kind of bundle it yields (``"labelled_images"``, ...).
     """
 
+    factory: DataFactory
     provides: str = "labelled_images"
     kind: ClassVar[str] = "data"
 
@@ -128,6 +183,51 @@ class PresetRecord:
     name: str
     backbone: str
     config: Mapping[str, Any]
+    summary: str = ""
+    provider: str = ""
+
+
+@dataclass
+class RunInfo:
+    """What the training-lifecycle hooks receive about the run they observe.
+
+    ``spec`` is the run's :class:`~adaptkit.spec.RunSpec` (None for a trainer built without
+    one), ``train`` the :class:`~adaptkit.spec.TrainSpec` it trains with, ``output_dir`` the directory its files go to, ``total_steps`` the optimizer steps of
+    the whole run and ``start_step`` where this process starts (0, or the step a resume
+    continues from), ``history`` the evaluation records so far (restored ones when resuming),
+    ``primary_metric`` the metric the task follows, ``log`` prints a line for the user.
+    ``state`` is a scratch dict for observers that keep something per run.
+    """
+
+    spec: Any
+    output_dir: Path
+    total_steps: int
+    start_step: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    primary_metric: str = "loss"
+    log: Callable[[str], None] = print
+    train: Any = None
+    state: dict[str, Any] = field(default_factory=dict)
+
+
+class LoggerFactory(Protocol):
+    """``factory(run) -> observer``: an object with ``@hookimpl`` methods among the training-lifecycle
+    hooks (``adaptkit_train_start``, ``adaptkit_train_step``, ``adaptkit_evaluate``,
+    ``adaptkit_train_end``), registered for the duration of one run."""
+
+    def __call__(self, run: RunInfo, /) -> object: ...
+
+
+@dataclass(frozen=True)
+class LoggerRecord:
+    """An experiment logger a spec picks by name (``train.loggers: [jsonl, tensorboard]``).
+
+    ``factory(run)`` returns the observer of one run; it raises a user error (e.g. a missing
+    optional package) before any step is trained.
+    """
+
+    name: str
+    factory: LoggerFactory
     summary: str = ""
     provider: str = ""
 

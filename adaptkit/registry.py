@@ -8,12 +8,14 @@ keep working. Two plugins registering the same name is an error naming both.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import importlib
 import importlib.metadata
 import os
+import sys
 import typing
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -21,9 +23,9 @@ from typing import Any
 import pluggy
 
 from adaptkit import hookspecs
-from adaptkit.errors import PluginError, did_you_mean
+from adaptkit.errors import AdaptkitError, PluginError, did_you_mean
 from adaptkit.params import ComponentParams
-from adaptkit.records import RECORD_TYPES, PresetRecord, Record
+from adaptkit.records import RECORD_TYPES, LoggerRecord, PresetRecord, Record, RunInfo
 
 KINDS = ("backbone", "method", "task", "data")
 _HOOK_OF_KIND = {
@@ -97,6 +99,9 @@ class Registry:
         self._sources: dict[str, str] = {}
         self._records: dict[str, dict[str, Record]] = {kind: {} for kind in KINDS}
         self._presets: dict[str, PresetRecord] = {}
+        self._loggers: dict[str, LoggerRecord] = {}
+        #: the loggers of a spec that names none (registry.yaml's ``loggers``)
+        self.default_loggers: list[str] = []
         self._pm = pluggy.PluginManager(hookspecs.PROJECT)
         self._pm.add_hookspecs(hookspecs)
 
@@ -105,6 +110,7 @@ class Registry:
             data = _read_registry_file(path)
             for module in data.get("plugins") or []:
                 self._register_module(str(module), source="built-in", fatal=True)
+            self.default_loggers = [str(name) for name in data.get("loggers") or []]
             for name, entry in (data.get("presets") or {}).items():
                 self._add_preset(_preset_from_yaml(name, entry, path), provider=str(path.name))
         if entry_points:
@@ -152,7 +158,7 @@ class Registry:
             self._pm.check_pending()
         except pluggy.PluginValidationError as exc:
             self._pm.unregister(obj)
-            known = list(_HOOK_OF_KIND.values()) + ["adaptkit_presets"]
+            known = hook_names()
             bad = [h for h in dir(obj) if h.startswith("adaptkit_") and h not in known]
             hint = "".join(f" '{h}'{did_you_mean(h, known)}" for h in bad)
             self.failures.append(PluginFailure(name, source, f"defines an unknown hook:{hint or ' ' + str(exc)}"))
@@ -176,6 +182,15 @@ class Registry:
                     self._fail_provider(provider, f"adaptkit_presets returned {type(record).__name__}, expected PresetRecord")
                     continue
                 self._add_preset(record, provider)
+        for provider, records in self._call_hook("adaptkit_loggers"):
+            for record in records:
+                if not isinstance(record, LoggerRecord):
+                    self._fail_provider(provider, f"adaptkit_loggers returned {type(record).__name__}, expected LoggerRecord")
+                    continue
+                if record.name in self._loggers:
+                    raise PluginError(f"logger '{record.name}' is registered twice: by '{self._loggers[record.name].provider}' "
+                                      f"and by '{provider}'; uninstall one of them or rename the logger")
+                self._loggers[record.name] = replace(record, provider=provider)
 
     def _call_hook(self, hook_name: str) -> Iterable[tuple[str, list[Any]]]:
         hook = getattr(self._pm.hook, hook_name)
@@ -191,6 +206,69 @@ class Registry:
                 self._fail_provider(provider, f"{hook_name}() raised {_raised(exc)}")
                 continue
             yield provider, records
+
+    def call_lifecycle(self, hook_name: str, **arguments: Any) -> None:
+        """Call lifecycle hook ``hook_name`` (one with arguments) on every plugin, in registration
+        order, each with the arguments it declares (pytest's rule).
+
+        A user error (:class:`~adaptkit.errors.AdaptkitError`) propagates; anything else a
+        built-in raises is a bug and propagates too; a third-party plugin that raises is recorded
+        in :attr:`failures`, warned about on stderr, and the others still run."""
+        self._call_each(hook_name, lambda provider: arguments)
+
+    def add_commands(self, commands: Any) -> None:
+        """Let every plugin add its subcommands (the ``adaptkit_commands`` hook) through
+        ``commands`` (an :class:`adaptkit.commands.Commands`), each credited to its provider."""
+        self._call_each("adaptkit_commands", lambda provider: {"commands": commands.for_provider(provider)})
+
+    @contextlib.contextmanager
+    def observing(self, run: RunInfo, loggers: Sequence[str]) -> Iterator[None]:
+        """Create the named loggers for ``run`` and register them as plugins while the block runs,
+        so the training-lifecycle hooks reach them with every other plugin's."""
+        records = [self.logger(name) for name in loggers]
+        observers = [record.factory(run) for record in records]
+        names = []
+        try:
+            for record, observer in zip(records, observers):
+                name = f"logger {record.name} of run {id(run)}"
+                self._pm.register(observer, name=name)
+                self._sources[name] = self._sources.get(record.provider, "plugin")  # a built-in's failure is a bug
+                names.append(name)
+            yield
+        finally:
+            for name in names:
+                self._pm.unregister(name=name)
+                self._sources.pop(name, None)
+
+    def loggers(self) -> list[LoggerRecord]:
+        """Every registered experiment logger, sorted by name."""
+        return [self._loggers[name] for name in sorted(self._loggers)]
+
+    def logger(self, name: str) -> LoggerRecord:
+        """The logger called ``name``; a clear error with suggestions if none."""
+        if name not in self._loggers:
+            raise PluginError(self.unknown_logger_message(name))
+        return self._loggers[name]
+
+    def unknown_logger_message(self, name: str) -> str:
+        return (f"unknown logger '{name}'{did_you_mean(name, self._loggers)}; "
+                f"registered loggers: {', '.join(sorted(self._loggers)) or 'none'}")
+
+    def _call_each(self, hook_name: str, arguments_for: typing.Callable[[str], dict[str, Any]]) -> None:
+        hook = getattr(self._pm.hook, hook_name)
+        for impl in reversed(hook.get_hookimpls()):  # registration order
+            provider = self._pm.get_name(impl.plugin) or repr(impl.plugin)
+            given = arguments_for(provider)
+            try:
+                impl.function(**{name: given[name] for name in impl.argnames})
+            except AdaptkitError:
+                raise
+            except Exception as exc:
+                if self._sources.get(provider) == "built-in":
+                    raise
+                failure = PluginFailure(provider, self._sources.get(provider, "plugin"), f"{hook_name}() raised {_raised(exc)}")
+                self.failures.append(failure)
+                print(f"warning: {failure}", file=sys.stderr)
 
     def _fail_provider(self, provider: str, error: str) -> None:
         source = self._sources.get(provider, "plugin")
@@ -259,6 +337,11 @@ class Registry:
         if kind not in self._records:
             raise PluginError(f"unknown component kind '{kind}'{did_you_mean(kind, KINDS)}; kinds: {', '.join(KINDS)}")
         return self._records[kind]
+
+
+def hook_names() -> list[str]:
+    """Every hook a plugin may implement (the ``adaptkit_*`` functions of :mod:`adaptkit.hookspecs`)."""
+    return sorted(name for name in vars(hookspecs) if name.startswith("adaptkit_"))
 
 
 def _raised(exc: BaseException) -> str:

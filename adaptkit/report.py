@@ -76,11 +76,9 @@ def render(run: RunRecord) -> str:
 
 def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Write ``report.html`` (or ``out``) for the run in ``run_dir``; returns its path."""
-    import os
+    from adaptkit.rundir import write_text
 
     run = read_run(run_dir)
     target = Path(out) if out else run.path / "report.html"
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(render(run))
-    os.replace(tmp, target)
+    write_text(target, render(run))
     return target

@@ -17,6 +17,7 @@ other tool's are.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -24,6 +25,8 @@ import shutil
 import signal
 import threading
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -79,15 +82,91 @@ def create_temp_dir(parent: Path, prefix: str) -> Path:
             continue
 
 
-def write_json(path: Path, data: Any) -> None:
-    """Write ``data`` as JSON atomically (temp file + rename)."""
-    tmp = create_temp_file(path)
+@contextlib.contextmanager
+def atomic_path(path: Path, suffix: str = ".tmp") -> Iterator[Path]:
+    """The one way adaptkit writes a file whole or not at all: the block writes the temp file
+    it is given (beside ``path``, with the umask's permissions), which then replaces ``path``
+    in one rename; if the block raises, ``path`` is untouched and the temp file removed.
+
+    Example::
+
+        with atomic_path(out) as tmp:
+            image.save(tmp, format="PNG")
+    """
+    tmp = create_temp_file(path, suffix)
     try:
-        tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+        yield tmp
         os.replace(tmp, path)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (:func:`atomic_path`)."""
+    with atomic_path(Path(path)) as tmp:
+        tmp.write_text(text)
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write ``data`` as JSON atomically (temp file + rename)."""
+    write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+@dataclass(frozen=True)
+class RunSource:
+    """What a command that reads a run was pointed at: a run directory or a spec file.
+
+    ``spec_file`` is the run's ``spec.yaml`` (or the spec file itself; None for a run directory
+    without one where that is allowed); ``adapter`` the run's ``adapter.safetensors`` (None for a
+    spec file, or an unfinished run where that is allowed).
+    """
+
+    path: Path
+    spec_file: Path | None
+    adapter: Path | None
+
+    @property
+    def is_run(self) -> bool:
+        return self.path.is_dir()
+
+
+def locate_run(target: str | Path, *, need_adapter: bool, need_spec: bool = True) -> RunSource:
+    """The one reader of where a run's files are, for every command that takes a run directory
+    (or a spec file): ``generate``, ``classify``, ``edit``, ``merge``, ``export``, ``load_trained``.
+
+    Example::
+
+        source = locate_run("runs/lora_digits", need_adapter=True)
+        source.spec_file, source.adapter      # runs/lora_digits/spec.yaml, .../adapter.safetensors
+    """
+    path = Path(target)
+    if path.is_dir():
+        spec = path / "spec.yaml"
+        if not spec.is_file():
+            if need_spec:
+                raise RunError(f"{path}: not a run directory (it has no spec.yaml); give a run directory or a YAML spec")
+            spec = None
+        adapter = path / "adapter.safetensors"
+        if not adapter.is_file():
+            if need_adapter:
+                raise RunError(f"{path}: the run has no adapter.safetensors yet; has it finished?")
+            adapter = None
+        return RunSource(path, spec, adapter)
+    if path.is_file():
+        return RunSource(path, path, None)
+    raise RunError(f"{path}: no such run directory or spec file")
+
+
+def write_saved_run(directory: Path, spec: Any, status: str, name: str | None = None, note: dict[str, Any] | None = None) -> None:
+    """Write ``spec.yaml`` and ``run.json`` (atomically) beside an adapter saved outside ``adaptkit run``
+    (an import, a combination, ``save_run``), so that merge / export / load_trained take the directory
+    like a trained run."""
+    from adaptkit import __version__
+
+    write_text(directory / "spec.yaml", spec.to_yaml())
+    write_json(directory / RUN_FILE, {"name": name or spec.name or directory.name, "spec_fingerprint": spec.fingerprint(),
+                                      "status": status, "adaptkit_version": __version__, "started": _now(), **(note or {})})
 
 
 def read_marker(directory: Path) -> dict[str, Any] | None:

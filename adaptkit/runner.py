@@ -6,7 +6,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from adaptkit.errors import RunError
 from adaptkit.rundir import RunDirectory, write_json
 from adaptkit.spec import RunSpec, load_spec
 
@@ -112,7 +111,8 @@ def _run_in(rundir: RunDirectory, spec: RunSpec, reg: Any, device: Any, dist: An
     trainer = None
     if trainable:
         trainer = Trainer(model, data, spec.train, seed=spec.seed, lr=lr, weight_decay=weight_decay, output_dir=out,
-                          device=device, dist=dist, spec_fingerprint=spec.fingerprint(), log=say, loader=loader)
+                          device=device, dist=dist, spec_fingerprint=spec.fingerprint(), log=say, loader=loader,
+                          spec=spec, registry=reg)
         fitted = trainer.fit()
         history, train_seconds, resumed_from = fitted.history, fitted.seconds, fitted.resumed_from
         skipped["train"] = fitted.skipped
@@ -172,19 +172,11 @@ def load_run(path: str | Path, overrides: list[str] | None = None, device: str =
     from adaptkit.builder import build
     from adaptkit.checkpoint import load_adapter
     from adaptkit.distributed import resolve_device
+    from adaptkit.rundir import locate_run
 
-    path = Path(path)
-    if path.is_dir():
-        spec_file, adapter = path / "spec.yaml", path / "adapter.safetensors"
-        if not spec_file.is_file():
-            raise RunError(f"{path}: not a run directory (it has no spec.yaml); give a run directory or a YAML spec")
-        if not adapter.is_file():
-            raise RunError(f"{path}: the run has no adapter.safetensors yet; has it finished?")
-        model = build(load_spec(spec_file, overrides))
-        load_adapter(model, adapter)
-    elif path.is_file():
-        model = build(load_spec(path, overrides))
-    else:
-        raise RunError(f"{path}: no such run directory or spec file")
+    source = locate_run(path, need_adapter=True)
+    model = build(load_spec(source.spec_file, overrides))
+    if source.adapter is not None:
+        load_adapter(model, source.adapter)
     model.eval()
     return model.to(resolve_device(device))

@@ -64,7 +64,11 @@ class TrainSpec(StrictModel):
     device: str = Field("auto", description="auto (cuda when present, else cpu), cpu, cuda or cuda:N")
     precision: Literal["fp32", "bf16"] = "fp32"
     resume: bool = Field(False, description="continue from the output directory's last checkpoint")
-    progress: bool = True
+    progress: bool = Field(True, description="show the progress bar (when its logger is on)")
+    loggers: list[str] | None = Field(
+        None, description="experiment loggers by name (`adaptkit plugins logger` lists them); "
+        "default: registry.yaml's loggers, which write metrics.jsonl and draw the progress bar"
+    )
     threads: int | None = Field(None, gt=0, description="torch CPU threads")
     strategy: Literal["auto", "ddp", "fsdp"] = Field(
         "auto", description="under torchrun: ddp (a full copy per process) or fsdp (parameters sharded per block); auto = ddp"
@@ -127,7 +131,7 @@ class RunSpec(StrictModel):
         import hashlib
 
         data = self.to_dict()
-        for key in ("resume", "progress", "device", "threads", "strategy"):
+        for key in ("resume", "progress", "loggers", "device", "threads", "strategy"):
             data["train"].pop(key, None)
         data.pop("output", None)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
@@ -232,6 +236,10 @@ def resolve(data: dict[str, Any], registry: Any, source: str | None = None) -> d
                 _validate_component(m, "method", ("methods", i), registry, problems) or placeholder
                 for i, m in enumerate(methods)
             ]
+    loggers = data.get("train", {}).get("loggers") if isinstance(data.get("train"), dict) else None
+    if isinstance(loggers, list):
+        problems += [f"train.loggers[{i}]: {registry.unknown_logger_message(name)}"
+                     for i, name in enumerate(loggers) if isinstance(name, str) and name not in {r.name for r in registry.loggers()}]
     if problems:
         try:
             RunSpec.model_validate(out)

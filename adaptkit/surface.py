@@ -23,6 +23,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from adaptkit.errors import CompatibilityError
+from adaptkit.records import SITE_KINDS
+from adaptkit.towers import resolve_towers
 
 
 @dataclass
@@ -250,35 +252,16 @@ class Surface:
             if any(name.startswith(prefix) for prefix in tower.param_prefixes)
         }
 
-    def select(self, tower: str | Sequence[str] | None, site_kind: str, method: str) -> list[Tower]:
-        """Towers named by a method's ``tower`` option that offer ``site_kind``.
+    def select(self, tower: str | Sequence[str] | None, site_kind: str | Sequence[str] | None, method: str) -> list[Tower]:
+        """Towers named by a method's ``tower`` option that offer ``site_kind`` (or any of several
+        kinds; None: any tower), by :func:`adaptkit.towers.resolve_towers`, the rule validation uses.
 
-        ``"all"``/None means every tower offering the site. Raises
+        ``"all"``/``"both"``/None means every tower offering the site. Raises
         :class:`CompatibilityError` naming the method, backbone and missing site.
         """
-        if tower in (None, "all"):
-            chosen = [t for t in self.towers.values() if t.has(site_kind)]
-            if not chosen:
-                raise CompatibilityError(
-                    f"method '{method}' needs {site_kind} sites, but backbone '{self.backbone}' has none"
-                    f" (towers: {', '.join(self.towers)})"
-                )
-            return chosen
-        names = [tower] if isinstance(tower, str) else list(tower)
-        if "both" in names:
-            names = list(self.towers)
-        chosen = []
-        for name in names:
-            if name not in self.towers:
-                raise CompatibilityError(
-                    f"method '{method}': backbone '{self.backbone}' has no tower '{name}'; towers: {', '.join(self.towers)}"
-                )
-            if not self.towers[name].has(site_kind):
-                raise CompatibilityError(
-                    f"method '{method}' needs {site_kind} sites, but tower '{name}' of backbone '{self.backbone}' has none"
-                )
-            chosen.append(self.towers[name])
-        return chosen
+        kinds = None if site_kind is None else [site_kind] if isinstance(site_kind, str) else list(site_kind)
+        offers = {name: [k for k in SITE_KINDS if t.has(k)] for name, t in self.towers.items()}
+        return [self.towers[name] for name in resolve_towers(tower, offers, kinds, method, self.backbone)]
 
     def layer_sites(
         self,

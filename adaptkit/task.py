@@ -67,24 +67,12 @@ class TaskModel(nn.Module):
         raise NotImplementedError
 
     # -- training-loop hooks (all optional; the defaults do nothing) -------------
+    # A task that keeps tensors besides its trained ones (an EMA) also implements
+    # adaptkit.capabilities.KeepsTrainingState: extra_state, load_extra_state, finish_training.
     def after_optimizer_step(self, step: int) -> None:
         """Called by the trainer after every optimizer step; ``step`` counts from 1.
 
         A task that keeps running averages of its weights (EMA) updates them here.
-        """
-
-    def extra_state(self) -> dict[str, torch.Tensor]:
-        """Tensors besides the trainable parameters that a resumed run needs (EMA weights)."""
-        return {}
-
-    def load_extra_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Restore what :meth:`extra_state` returned (called when a run resumes)."""
-
-    def finish_training(self) -> None:
-        """Called once after the last optimizer step, before the final evaluation and save.
-
-        A task with EMA weights copies them into the trained parameters here, so the
-        final metrics and the saved adapter file are those of the averaged model.
         """
 
     def native_modules(self, native: nn.Module) -> dict[str, str]:

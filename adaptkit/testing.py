@@ -36,7 +36,8 @@ def contract_tests(
 ) -> dict[str, Callable[..., None]]:
     """Test functions over every pair with a named backbone or a named method (all pairs when neither is given).
 
-    The checks: every backbone's example builds and gives a finite loss; one training
+    The checks: every backbone's example builds and gives a finite loss, and the towers its
+    record declares (sites, roles) are those of its built surface; one training
     step changes only the parameters the method owns and leaves every frozen tensor
     bit-identical; the trainable count equals the method's formula
     (``AppliedMethod.expected_parameters``); save, fresh build and load reproduce
@@ -68,6 +69,10 @@ def contract_tests(
     def test_every_backbone_has_a_working_example(backbone: Any) -> None:
         suite.example_works(backbone)
 
+    @over_backbones
+    def test_static_towers_equal_the_built_surface(backbone: Any) -> None:
+        suite.static_towers(backbone)
+
     @over_pairs
     def test_one_step_changes_only_what_the_method_owns(backbone: Any, method: Any) -> None:
         suite.one_step(backbone, method)
@@ -89,7 +94,8 @@ def contract_tests(
         suite.identity(backbone, method)
 
     tests = [
-        test_every_backbone_has_a_working_example, test_one_step_changes_only_what_the_method_owns,
+        test_every_backbone_has_a_working_example, test_static_towers_equal_the_built_surface,
+        test_one_step_changes_only_what_the_method_owns,
         test_trainable_count_matches_the_method_formula, test_save_build_fresh_load_reproduces_outputs,
         test_merged_equals_unmerged, test_identity_at_initialisation_where_promised,
     ]
@@ -192,6 +198,18 @@ class _Suite:
         assert {"backbone", "task", "data"} <= set(backbone.example)
         model = self.build(self.spec_for(backbone, []))
         assert torch.isfinite(self.loss_of(model, self.batch_of(model)))
+
+    def static_towers(self, backbone: Any) -> None:
+        """What validation reads (the record's TowerInfo) is what methods meet at build: the
+        towers, their site kinds and their roles, on the surface methods see (the task's own
+        sites included)."""
+        import adaptkit
+
+        spec = adaptkit.load_spec(self.spec_for(backbone, []), registry=self.registry)
+        static = {name: (set(info.sites), set(info.roles)) for name, info in backbone.towers_for(spec.backbone).items()}
+        surface = self.build(spec).surface
+        built = {name: ({kind for kind in SITE_KINDS if tower.has(kind)}, tower.roles()) for name, tower in surface.towers.items()}
+        assert built == static, f"backbone '{backbone.name}': record says {static}, the built surface has {built}"
 
     def one_step(self, backbone: Any, method: Any) -> None:
         model = self.build_or_skip(backbone, method)

@@ -8,10 +8,11 @@ augmentation, dropout) is seeded so a run, its resumed twin and its DDP twin agr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,10 +20,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from adaptkit.capabilities import KeepsTrainingState
 from adaptkit.checkpoint import first_non_finite, load_tensors, save_tensors
 from adaptkit.data import BatchDataset, DataBundle, LoaderOptions, PlannedLoader, SequentialPlan, to_device
 from adaptkit.distributed import DistInfo, full_tensor, like, shard_model, unshard_for_good, unsharded_root
 from adaptkit.errors import CheckpointError, RunError
+from adaptkit.records import RunInfo
 from adaptkit.spec import TrainSpec
 from adaptkit.task import TaskModel
 
@@ -118,6 +121,34 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return groups
 
 
+@dataclass
+class _Progress:
+    """The loop's running counters: the step reached, the loss since the last evaluation, time."""
+
+    step: int
+    loss_sum: float
+    loss_count: int
+    elapsed_before: float  # seconds trained before this process started (a resumed run)
+    samples: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+    def stepped(self, step_loss: float, local_count: int, global_count: int) -> int:
+        """Count one optimizer step; returns the number of steps done."""
+        self.step += 1
+        self.loss_sum += step_loss
+        self.loss_count += local_count
+        self.samples += global_count
+        return self.step
+
+    def rate(self) -> float:
+        """Samples per second since this process started training."""
+        return self.samples / max(1e-9, time.perf_counter() - self.started)
+
+    def seconds(self) -> float:
+        """Seconds trained, a resumed run's earlier ones included."""
+        return self.elapsed_before + time.perf_counter() - self.started
+
+
 class Trainer:
     """Trains a task model on a data bundle as a :class:`TrainSpec` says."""
 
@@ -136,6 +167,8 @@ class Trainer:
         spec_fingerprint: str = "",
         log: Callable[[str], None] = print,
         loader: LoaderOptions | None = None,
+        spec: Any = None,
+        registry: Any = None,
     ) -> None:
         if data.train is None or len(data.train) == 0:
             raise RunError("the data source has no training samples")
@@ -143,6 +176,13 @@ class Trainer:
         self.seed, self.lr, self.weight_decay = seed, lr, weight_decay
         self.output_dir, self.device, self.dist = output_dir, device, dist
         self.spec_fingerprint, self.log = spec_fingerprint, log
+        if registry is None:
+            from adaptkit.registry import registry as default_registry
+
+            registry = default_registry()
+        self.spec, self.registry = spec, registry
+        #: the experiment loggers the lifecycle hooks reach besides every plugin's own hooks
+        self.loggers = list(train.loggers if train.loggers is not None else registry.default_loggers)
         n = len(data.train)
         self.steps_per_epoch = math.ceil(n / train.batch_size)
         self.total_steps = train.max_steps or train.epochs * self.steps_per_epoch
@@ -168,14 +208,49 @@ class Trainer:
 
     # ----------------------------------------------------------------- loop
     def fit(self) -> TrainResult:
+        """Train ``total_steps`` optimizer steps (from the last checkpoint when resuming),
+        evaluating and checkpointing as the spec says; the lifecycle hooks observe it."""
+        model = self._prepare_model()
+        optimizer = self._optimizer()
+        result, progress = self._start_or_resume(optimizer)
+        engine = self._engine(model)
+        plan = TrainPlan(len(self.data.train), self.cfg.batch_size, self.cfg.grad_accum, self.steps_per_epoch, progress.step,
+                         self.total_steps, self.seed, self.dist, self.data.augment_dims if self.data.augment else 0)
+        loader = PlannedLoader(self.data.train, plan, self.loader_options, self.data.augment)
+        batches = iter(loader)
+        run = RunInfo(self.spec, self.output_dir, self.total_steps, progress.step, result.history, model.primary_metric, self.log,
+                      train=self.cfg)
+        progress.started = time.perf_counter()
+        with self._observed(run):
+            for step, global_count, micro_batches in plan.steps():
+                lr = self.lr * lr_factor(step, self.total_steps, self.warmup, self.cfg.schedule, self.cfg.min_lr_ratio)
+                step_loss, local_count = self._optimizer_step(engine, optimizer, batches, micro_batches, global_count, lr)
+                model.after_optimizer_step(step + 1)
+                done = progress.stepped(step_loss, local_count, global_count)
+                self._hook("adaptkit_train_step", run=run, step=done,
+                           logs={"loss": step_loss / max(1, local_count), "lr": lr, "samples_per_second": progress.rate()})
+                if not math.isfinite(step_loss):
+                    raise RunError(f"the training loss became {step_loss} at step {done}; lower train.lr or enable train.grad_clip")
+                if done % self.eval_every == 0 or done == self.total_steps:
+                    record = self._evaluate_and_record(done, lr, progress, result)
+                    self._hook("adaptkit_evaluate", run=run, step=done, record=record)
+                if done % self.checkpoint_every == 0 or done == self.total_steps:
+                    result.skipped = self._skipped_total(loader.skipped)
+                    if self.dist.main or self.fsdp:  # under fsdp every process gathers its shards; rank 0 writes
+                        self._save_state(optimizer, done, result.history, progress.loss_sum, progress.loss_count,
+                                         progress.seconds(), result.skipped)
+        return self._finish(model, result, progress)
+
+    # ----------------------------------------------------------------- the parts of fit
+    def _prepare_model(self) -> TaskModel:
+        """The model on its device in train mode, sharded under fsdp."""
         model = self.model.to(self.device)
         model.train()
         self.fsdp = self.cfg.strategy == "fsdp" and self.dist.enabled
         if self.cfg.strategy == "fsdp" and not self.dist.enabled:
             self.log("train.strategy is fsdp but this is one process (not launched with torchrun): nothing to shard, training as a plain loop")
         if self.fsdp:
-            kind = type(model)
-            if kind.extra_state is not TaskModel.extra_state or kind.after_optimizer_step is not TaskModel.after_optimizer_step:
+            if isinstance(model, KeepsTrainingState):
                 raise RunError(
                     f"train.strategy: task '{model.adaptkit.spec.task.name}' keeps copies of its weights besides the "
                     "trained ones (EMA), which fsdp does not shard; use train.strategy=ddp (or auto)"
@@ -185,106 +260,104 @@ class Trainer:
             self.trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
             if self.dist.main:
                 self.log(f"fsdp: {units} blocks and the root sharded over {self.dist.world} processes")
-        optimizer = self._optimizer()
-        result = TrainResult()
-        start_step, loss_sum, loss_count, elapsed = 0, 0.0, 0, 0.0
+        return model
+
+    def _start_or_resume(self, optimizer: torch.optim.Optimizer) -> tuple[TrainResult, _Progress]:
+        """A fresh result and counters, or those of the last checkpoint when ``train.resume`` finds one."""
+        result, progress = TrainResult(), _Progress(0, 0.0, 0, 0.0)
         self.skipped_before = 0
         if self.cfg.resume:
             restored = self._restore(optimizer)
             if restored is not None:
                 start_step, result.history, loss_sum, loss_count, elapsed, skipped = restored
+                progress = _Progress(start_step, loss_sum, loss_count, elapsed)
                 self.skipped_before = skipped if self.dist.main else 0  # a global count: added once, by rank 0
                 result.resumed_from = start_step
                 if self.dist.main:
                     self.log(f"resuming at step {start_step} of {self.total_steps}")
-        if self.dist.main:
-            self._rewrite_history(result.history)
+        return result, progress
 
-        engine: nn.Module = model
-        if self.dist.enabled and not self.fsdp:
-            from torch.nn.parallel import DistributedDataParallel
+    def _engine(self, model: nn.Module) -> nn.Module:
+        """What the steps call: the model, or its DDP wrapper under torchrun (fsdp shards in place)."""
+        if not self.dist.enabled or self.fsdp:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
 
-            engine = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                                             find_unused_parameters=model.ddp_find_unused_parameters)
+        return DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                                       find_unused_parameters=model.ddp_find_unused_parameters)
 
-        train_set: BatchDataset = self.data.train
-        params = [p for _, p in self.trainable]
-        plan = TrainPlan(len(train_set), self.cfg.batch_size, self.cfg.grad_accum, self.steps_per_epoch, start_step,
-                         self.total_steps, self.seed, self.dist, self.data.augment_dims if self.data.augment else 0)
-        loader = PlannedLoader(train_set, plan, self.loader_options, self.data.augment)
-        batches = iter(loader)
-        bar = self._progress(start_step)
-        started = time.perf_counter()
-        seen_samples = 0
-        for step, global_count, micro_batches in plan.steps():
-            factor = lr_factor(step, self.total_steps, self.warmup, self.cfg.schedule, self.cfg.min_lr_ratio)
-            for group in optimizer.param_groups:
-                group["lr"] = self.lr * factor
-            step_loss = 0.0
-            for k in range(len(micro_batches)):
-                batch = to_device(next(batches), self.device)
-                sync = k == len(micro_batches) - 1
-                if self.fsdp:
-                    engine.set_requires_gradient_sync(sync)  # reduce-scatter gradients on the last micro-batch only
-                    context = _null()
-                else:
-                    context = engine.no_sync() if (self.dist.enabled and not sync) else _null()
-                with context:
-                    with self._autocast():
-                        out = engine(batch)
-                    # weight by share of the global batch: DDP's mean over ranks then gives the global mean
-                    loss = out.loss.float() * (out.count * self.dist.world / global_count)
-                    loss.backward()
-                step_loss += out.loss.item() * out.count
-            if self.cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            model.after_optimizer_step(step + 1)
-            local_count = sum(len(m[0]) for m in micro_batches)
-            loss_sum += step_loss
-            loss_count += local_count
-            seen_samples += global_count
-            done = step + 1
-            if bar is not None:
-                rate = seen_samples / max(1e-9, time.perf_counter() - started)
-                bar.set_postfix(loss=f"{step_loss / max(1, local_count):.4f}", lr=f"{self.lr * factor:.2e}", img_s=f"{rate:.0f}", refresh=False)
-                bar.update(1)
-            if not math.isfinite(step_loss):
-                raise RunError(f"the training loss became {step_loss} at step {done}; lower train.lr or enable train.grad_clip")
-            if done % self.eval_every == 0 or done == self.total_steps:
-                metrics = self.evaluate("val")
-                record = {
-                    "step": done,
-                    "epoch": round(done / self.steps_per_epoch, 4),
-                    "lr": self.lr * factor,
-                    "train_loss": loss_sum / max(1, loss_count),
-                    **{f"val_{k}": v for k, v in TaskModel.scalar_metrics(metrics).items()},
-                }
-                loss_sum, loss_count = 0.0, 0
-                result.history.append(record)
-                if self.dist.main:
-                    self._append_history(record)
-                    if bar is not None:
-                        key = f"val_{self.model.primary_metric}"
-                        if key in record:
-                            bar.write(f"step {done}: train_loss {record['train_loss']:.4f}  {key} {record[key]:.4f}")
-            if done % self.checkpoint_every == 0 or done == self.total_steps:
-                result.skipped = self._skipped_total(loader.skipped)
-                if self.dist.main or self.fsdp:  # under fsdp every process gathers its shards; rank 0 writes
-                    self._save_state(optimizer, done, result.history, loss_sum, loss_count, elapsed + time.perf_counter() - started,
-                                     result.skipped)
-        if bar is not None:
-            bar.close()
+    def _optimizer_step(self, engine: nn.Module, optimizer: torch.optim.Optimizer, batches: Any, micro_batches: list[Any],
+                        global_count: int, lr: float) -> tuple[float, int]:
+        """One optimizer step over this process's micro-batches; returns (summed loss, samples)."""
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        step_loss = 0.0
+        for k in range(len(micro_batches)):
+            batch = to_device(next(batches), self.device)
+            sync = k == len(micro_batches) - 1
+            if self.fsdp:
+                engine.set_requires_gradient_sync(sync)  # reduce-scatter gradients on the last micro-batch only
+                context = _null()
+            else:
+                context = engine.no_sync() if (self.dist.enabled and not sync) else _null()
+            with context:
+                with self._autocast():
+                    out = engine(batch)
+                # weight by share of the global batch: DDP's mean over ranks then gives the global mean
+                loss = out.loss.float() * (out.count * self.dist.world / global_count)
+                loss.backward()
+            step_loss += out.loss.item() * out.count
+        if self.cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_([p for _, p in self.trainable], self.cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return step_loss, sum(len(m[0]) for m in micro_batches)
+
+    def _evaluate_and_record(self, done: int, lr: float, progress: _Progress, result: TrainResult) -> dict[str, Any]:
+        """Evaluate on val and add the history record (step, epoch, lr, train_loss, val_*)."""
+        metrics = self.evaluate("val")
+        record = {
+            "step": done,
+            "epoch": round(done / self.steps_per_epoch, 4),
+            "lr": lr,
+            "train_loss": progress.loss_sum / max(1, progress.loss_count),
+            **{f"val_{k}": v for k, v in TaskModel.scalar_metrics(metrics).items()},
+        }
+        progress.loss_sum, progress.loss_count = 0.0, 0
+        result.history.append(record)
+        return record
+
+    def _finish(self, model: TaskModel, result: TrainResult, progress: _Progress) -> TrainResult:
+        """After the last step: the task's final weights (EMA), whole again, and checked."""
         if result.skipped and self.dist.main:
             self.log(f"data: skipped {result.skipped} unreadable training samples (each replaced by the next readable one)")
-        model.finish_training()
+        if isinstance(model, KeepsTrainingState):
+            model.finish_training()
         if self.fsdp:
             unshard_for_good(model)
         check_finite_state({name: p for name, p in model.named_parameters() if p.requires_grad}, self.total_steps)
         result.steps = self.total_steps
-        result.seconds = elapsed + time.perf_counter() - started
+        result.seconds = progress.seconds()
         return result
+
+    @contextlib.contextmanager
+    def _observed(self, run: RunInfo) -> Iterator[None]:
+        """The spec's loggers registered, and the start and end hooks called, around the loop (main process)."""
+        if not self.dist.main:
+            yield
+            return
+        with self.registry.observing(run, self.loggers):
+            self._hook("adaptkit_train_start", run=run)
+            try:
+                yield
+            except BaseException:
+                self._hook("adaptkit_train_end", run=run, status="failed")
+                raise
+            self._hook("adaptkit_train_end", run=run, status="finished")
+
+    def _hook(self, name: str, **arguments: Any) -> None:
+        if self.dist.main:
+            self.registry.call_lifecycle(name, **arguments)
 
     def _skipped_total(self, mine: int) -> int:
         """Skipped training samples so far, summed over processes (collective under torchrun)."""
@@ -316,13 +389,6 @@ class Trainer:
             self._eval_loaders[split] = PlannedLoader(dataset, plan, self.loader_options)
         return self._eval_loaders[split]
 
-    def _progress(self, start: int) -> Any:
-        if not (self.cfg.progress and self.dist.main):
-            return None
-        from tqdm.auto import tqdm
-
-        return tqdm(total=self.total_steps, initial=start, desc="train", unit="step", dynamic_ncols=True, leave=True)
-
     # ----------------------------------------------------------------- state
     def _save_state(self, optimizer: torch.optim.Optimizer, step: int, history: list[dict[str, Any]], loss_sum: float, loss_count: int,
                     elapsed: float, skipped: int = 0) -> None:
@@ -333,7 +399,8 @@ class Trainer:
                 if isinstance(value, torch.Tensor):
                     value = full_tensor(value)
                     tensors[f"optim.{i}.{key}"] = value.reshape(value.shape) if value.ndim else value.reshape(1)
-        tensors.update({f"task.{name}": full_tensor(t) for name, t in self.model.extra_state().items()})
+        if isinstance(self.model, KeepsTrainingState):
+            tensors.update({f"task.{name}": full_tensor(t) for name, t in self.model.extra_state().items()})
         check_finite_state(tensors, step)  # whole tensors on every process; the last good checkpoint stays
         if not self.dist.main:
             return
@@ -382,20 +449,13 @@ class Trainer:
             if state:
                 optimizer.state[p] = state
         extra = {name[len("task."):]: t.to(self.device) for name, t in tensors.items() if name.startswith("task.")}
-        if extra:  # (fit refuses fsdp for tasks that keep such state)
+        if extra and isinstance(self.model, KeepsTrainingState):  # (fit refuses fsdp for tasks that keep such state)
             self.model.load_extra_state(extra)
         torch.set_rng_state(tensors["rng.torch"])
         if "rng.cuda" in tensors and self.device.type == "cuda":
             torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
         return meta["step"], meta["history"], meta["loss_sum"], meta["loss_count"], meta["elapsed"], meta["skipped"]
 
-    def _rewrite_history(self, history: list[dict[str, Any]]) -> None:
-        path = self.output_dir / "metrics.jsonl"
-        path.write_text("".join(json.dumps(r) + "\n" for r in history))
-
-    def _append_history(self, record: dict[str, Any]) -> None:
-        with open(self.output_dir / "metrics.jsonl", "a") as handle:
-            handle.write(json.dumps(record) + "\n")
 
 
 # ----------------------------------------------------------------- checks

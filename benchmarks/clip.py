@@ -103,7 +103,7 @@ def as_template(wording: str) -> tuple[str, str]:
 
 def template_table(weights: Path, out: Path, data: dict[str, Any], label: str, order: list[int]) -> list[dict[str, Any]]:
     """Zero-shot accuracy per template; ``order``: the digit of each label of ``data``."""
-    from adaptkit_plugins.data.digits_captions import DIGIT_WORDS, WORDINGS
+    from adaptkit_plugins.clip.digits_captions import DIGIT_WORDS, WORDINGS
 
     names = {"words": [DIGIT_WORDS[d] for d in order], "digits": [str(d) for d in order]}
     rows = []
@@ -125,7 +125,7 @@ def template_table(weights: Path, out: Path, data: dict[str, Any], label: str, o
 # ----------------------------------------------------------------- part 3
 def folder_order() -> list[int]:
     """The digit of each label of the PNG folders (image_folder sorts class folders by name)."""
-    from adaptkit_plugins.data.digits_captions import DIGIT_WORDS
+    from adaptkit_plugins.clip.digits_captions import DIGIT_WORDS
 
     return [DIGIT_WORDS.index(w) for w in sorted(DIGIT_WORDS)]
 
@@ -152,7 +152,7 @@ def method_specs(registered: set[str]) -> dict[str, Any]:
 
 def few_shot_spec(weights: Path, out: Path, name: str, folder: Path, shots: int, seed: int, setup: dict[str, Any],
                   template: list[str], steps: int) -> dict[str, Any]:
-    from adaptkit_plugins.data.digits_captions import DIGIT_WORDS
+    from adaptkit_plugins.clip.digits_captions import DIGIT_WORDS
 
     classification = setup.get("task") == "classification"
     methods = list(setup["methods"])

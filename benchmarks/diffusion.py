@@ -41,7 +41,7 @@ def judge() -> Any:
     from sklearn.datasets import load_digits
     from sklearn.linear_model import LogisticRegression
 
-    from adaptkit_plugins.data._images import stratified_split
+    from adaptkit_plugins.data.image_samples import stratified_split
 
     digits = load_digits()
     train, _, test = stratified_split(digits.target, (0.7, 0.15, 0.15), 0)
@@ -222,7 +222,7 @@ def speed(work: Path, classifier: Any, repeats: int = 5) -> None:
     from diffusers import DDIMPipeline
 
     import adaptkit
-    from adaptkit_plugins.backbones._diffusion_common import SamplerSettings, make_scheduler, sample
+    from adaptkit_plugins.diffusion.common import SamplerSettings, make_scheduler, sample
 
     rows = []
     for preset, batch in (("ddpm_unet_8", 32), ("ddpm_unet_32", 4)):

@@ -2,7 +2,7 @@
 
     python3 benchmarks/stylegan2_device_check.py
 
-Loads plugins/backbones/_stylegan2_nn.py by path (so it runs where adaptkit's other
+Loads plugins/stylegan/networks.py by path (so it runs where adaptkit's other
 dependencies are missing, e.g. on a lent GPU machine) and checks, on CUDA:
 CPU and GPU give the same images (float64), the effective-kernel probe that keeps
 LoRA exact on modulated convolutions is exact, and the rosinality 256x256 generator
@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-HERE = Path(__file__).resolve().parent.parent / "plugins" / "backbones" / "_stylegan2_nn.py"
+HERE = Path(__file__).resolve().parent.parent / "plugins" / "stylegan" / "networks.py"
 
 
 def main() -> None:

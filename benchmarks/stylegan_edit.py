@@ -186,7 +186,7 @@ def main() -> None:
         print(f"| {row['mode']} | {100 * row['judge_8']:.0f}% | {100 * row['judge_3']:.0f}% | {row['clip']} | "
               f"{100 * row['clip_prefers_8']:.0f}% | {row['latent_l2']:.2f} | {row['pixel_rms']:.3f} | {row['seconds']:.0f} |")
 
-    from adaptkit_plugins.tasks._stylegan_images import save_strips
+    from adaptkit_plugins.stylegan.images import save_strips
 
     labels = list(pictures)
     columns = [pictures[label] for label in labels]

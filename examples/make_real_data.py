@@ -28,7 +28,7 @@ def _photos() -> tuple[list, list, tuple]:
     from PIL import Image
     from sklearn.datasets import load_digits
 
-    from adaptkit_plugins.data._images import stratified_split
+    from adaptkit_plugins.data.image_samples import stratified_split
 
     digits = load_digits()
     rng = np.random.default_rng(0)
@@ -46,7 +46,7 @@ def _photos() -> tuple[list, list, tuple]:
 
 def write_real_data(root: str | Path = "runs/data") -> tuple[Path, Path]:
     """Write (once) and return the photo folder and the shard folder under ``root``."""
-    from adaptkit_plugins.data.digits_captions import DIGIT_WORDS
+    from adaptkit_plugins.clip.digits_captions import DIGIT_WORDS
 
     root = Path(root)
     folder, shards = root / "digits_photos", root / "digits_shards"

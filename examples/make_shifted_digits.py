@@ -23,9 +23,9 @@ def write_shifted_digits(root: str | Path, shift: str) -> Path:
     import torch
     from PIL import Image
 
-    from adaptkit_plugins.data._images import stratified_split
+    from adaptkit_plugins.data.image_samples import stratified_split
     from adaptkit_plugins.data.digits import load_digit_images
-    from adaptkit_plugins.data.digits_captions import DIGIT_WORDS
+    from adaptkit_plugins.clip.digits_captions import DIGIT_WORDS
 
     if shift not in SHIFTS:
         raise ValueError(f"shift must be one of {', '.join(SHIFTS)}")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import adaptkit
 from adaptkit import RunSpec, TrainSpec
-from adaptkit_plugins.backbones.vit import VitParams
+from adaptkit_plugins.timm.vit import VitParams
 from adaptkit_plugins.data.digits import DigitsParams
 from adaptkit_plugins.methods.full import FullParams
 from adaptkit_plugins.tasks.classification import ClassificationParams

@@ -12,12 +12,12 @@ def tiny_clip(seed: int = 0, mean: tuple[float, ...] = (0.5,) * 3, std: tuple[fl
     import torch
 
     from adaptkit.registry import registry
-    from adaptkit_plugins.backbones._clip_impl import ClipBackbone, _quiet_open_clip, register_model_config
+    from adaptkit_plugins.clip.model import ClipBackbone, quiet_open_clip, register_model_config
 
     preset = registry().preset("clip_tiny_digits")
     register_model_config("clip_tiny_digits", dict(preset.config["model_cfg"]))
     torch.manual_seed(seed)
-    with _quiet_open_clip():
+    with quiet_open_clip():
         native = open_clip.create_model("clip_tiny_digits")
     # break the symmetry of the fresh init (zero biases, unit norms) so that mistakes show
     with torch.no_grad():

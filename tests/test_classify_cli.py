@@ -6,10 +6,9 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
-
-from adaptkit.cli import main  # noqa: E402
+from adaptkit.cli import main
 
 
 @pytest.fixture(scope="module")

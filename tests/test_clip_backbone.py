@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import copy
 
+import open_clip
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
-open_clip = pytest.importorskip("open_clip")
-
-import adaptkit  # noqa: E402
-from adaptkit.builder import build  # noqa: E402
-from adaptkit.errors import CheckpointError, CompatibilityError, PluginError, SpecError  # noqa: E402
-from tests.clip_helpers import FixedPrompts, tiny_clip  # noqa: E402
+import adaptkit
+from adaptkit.builder import build
+from adaptkit.errors import CheckpointError, CompatibilityError, PluginError, SpecError
+from tests.clip_helpers import FixedPrompts, tiny_clip
 
 TEXTS = [
     "a photo of the digit seven.",

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adaptkit_plugins.backbones._stylegan2_nn import Generator
-from adaptkit_plugins.tasks import _clip_edit_core as core
+from adaptkit_plugins.stylegan.networks import Generator
+from adaptkit_plugins.stylegan import clip_edit_core as core
 
 
 class StandInEncoder(nn.Module):

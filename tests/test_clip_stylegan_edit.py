@@ -11,8 +11,6 @@ import adaptkit
 from adaptkit.cli import main
 from adaptkit.errors import AdaptkitError, RunError, SpecError
 
-pytestmark = pytest.mark.skipif("clip" not in adaptkit.registry().names("backbone"), reason="needs the clip backbone")
-
 GENERATOR = {"name": "stylegan2", "model": "stylegan2_tiny_8", "style_dim": 16, "n_mlp": 2, "channels": {4: 16, 8: 16}}
 PROMPT, NEUTRAL = "a handwritten digit eight", "a handwritten digit three"
 

@@ -18,7 +18,7 @@ NAMES = ["reddish", "greenish"]
 
 def table(count: int = 40, captions: bool = False):
     """A ``datasets.Dataset`` of seeded pictures with ClassLabel labels (and captions)."""
-    datasets = pytest.importorskip("datasets")
+    import datasets
     arrays, labels = pictures(count)
     columns = {"image": [Image.fromarray(a) for a in arrays], "label": labels}
     features = {"image": datasets.Image(), "label": datasets.ClassLabel(names=NAMES)}
@@ -40,7 +40,7 @@ def test_saved_dataset_trains_a_tiny_vit(tmp_path):
 
 
 def test_dataset_dict_splits_and_parquet(tmp_path):
-    datasets = pytest.importorskip("datasets")
+    import datasets
     whole = table()
     parts = datasets.DatasetDict(train=whole.select(range(30)), validation=whole.select(range(30, 40)))
     parts.save_to_disk(str(tmp_path / "dict"))
@@ -72,7 +72,7 @@ def test_captions_train_clip(tmp_path):
 
 
 def test_plain_labels_bytes_and_unreadable_rows(tmp_path):
-    datasets = pytest.importorskip("datasets")
+    import datasets
     arrays, labels = pictures()
     images = [b"not an image" if i == 5 else png(a) for i, a in enumerate(arrays)]
     plain = datasets.Dataset.from_dict({"picture": images, "kind": [WORDS[y] for y in labels]})
@@ -104,7 +104,7 @@ def test_without_datasets_says_how_to_install_it(tmp_path, monkeypatch):
 
 
 def test_missing_labels_are_an_error(tmp_path):
-    datasets = pytest.importorskip("datasets")
+    import datasets
     arrays, labels = pictures(4)
     labels[2] = -1
     unlabelled = datasets.Dataset.from_dict(

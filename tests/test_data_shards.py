@@ -17,8 +17,8 @@ from PIL import Image
 import adaptkit
 from adaptkit.data import LoaderOptions, PlannedLoader, SequentialPlan
 from adaptkit.errors import DataError
-from adaptkit_plugins.data._images import SampleError
-from adaptkit_plugins.data._shards import Layout, expand_braces, read_shards, shard_paths
+from adaptkit_plugins.data.image_samples import SampleError
+from adaptkit_plugins.data.tar_shards import Layout, expand_braces, read_shards, shard_paths
 from tests.conftest import tiny_vit_spec
 
 WORDS = ("red", "green")

@@ -115,7 +115,7 @@ def test_preprocess_overrides_come_from_the_spec_and_reach_run_json(tmp_path):
 # ----------------------------------------------------------------- memory
 def test_image_folder_reads_lazily_and_its_size_does_not_grow_with_the_images(tmp_path, monkeypatch):
     """Building reads only a few probe images, and the dataset holds paths, not pixels."""
-    import adaptkit_plugins.data._images as images_module
+    import adaptkit_plugins.data.image_samples as images_module
 
     opened: list[str] = []
     original = images_module.decode

@@ -178,7 +178,7 @@ def test_batched_sampling_keeps_order_and_its_first_batch_equals_a_run_of_that_s
 def test_our_ddim_loop_equals_diffusers_ddim_pipeline(tmp_path):
     from diffusers import DDIMPipeline
 
-    from adaptkit_plugins.backbones._diffusion_common import SamplerSettings, make_scheduler
+    from adaptkit_plugins.diffusion.common import SamplerSettings, make_scheduler
 
     model = built(tmp_path, backbone=UNCOND).eval()
     with torch.no_grad():  # give the random UNet a non-trivial output layer
@@ -195,7 +195,7 @@ def test_our_ddim_loop_equals_diffusers_ddim_pipeline(tmp_path):
 
 
 def test_guidance_contrasts_the_condition_with_the_null_condition(tmp_path):
-    from adaptkit_plugins.backbones._diffusion_common import SamplerSettings, sample
+    from adaptkit_plugins.diffusion.common import SamplerSettings, sample
 
     model = built(tmp_path).eval()
     backbone = model.backbone
@@ -346,7 +346,7 @@ def test_pretrained_from_a_diffusers_directory_and_from_a_weights_file(tmp_path)
 def test_a_hub_repo_id_is_fetched_and_a_failed_fetch_names_both_readings(tmp_path, monkeypatch):
     import diffusers
 
-    from adaptkit_plugins.backbones._diffusers_weights import is_hub_repo
+    from adaptkit_plugins.diffusion.weights import is_hub_repo
 
     (tmp_path / "org").mkdir()
     (tmp_path / "org" / "name").mkdir()

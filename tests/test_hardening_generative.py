@@ -217,7 +217,7 @@ def test_diffusers_directories_and_files_that_are_damaged(tmp_path, capfd):
 
 def test_stylegan2_files_of_the_wrong_layout_size_or_kind(tmp_path):
     from adaptkit.checkpoint import save_tensors
-    from adaptkit_plugins.backbones._stylegan2_impl import native_generator_state
+    from adaptkit_plugins.stylegan.generator import native_generator_state
 
     spec = edit_spec(tmp_path)
     state = native_generator_state(adaptkit.build(spec).backbone.generator)

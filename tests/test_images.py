@@ -39,7 +39,7 @@ def test_unreadable_images_are_data_errors(tmp_path):
 
 
 def test_an_input_image_over_the_limit_is_refused_by_the_commands(bomb, tmp_path, capsys):
-    from adaptkit.commands._outputs import check_image_file
+    from adaptkit.commands.outputs import check_image_file
 
     with pytest.raises(DataError, match="decompression-bomb limit"):
         check_image_file(bomb, "--image", 1, (8, 8))

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import re
 
+import peft
 import pytest
+import timm
 import torch
 
 import adaptkit
@@ -14,9 +16,6 @@ from adaptkit.errors import CheckpointError, CompatibilityError, RunError
 from adaptkit.native import load_trained, merge_to_native, native_copy
 from adaptkit.peft_format import export_peft, import_peft
 from tests.conftest import tiny_vit_spec
-
-peft = pytest.importorskip("peft")
-timm = pytest.importorskip("timm")
 
 BACKBONES = {"vit": "vit_tiny_digits", "swin": "swin_tiny_digits"}
 #: LoRA on q/v slices of the fused qkv, the MLP, the conv patch embedding and the head, plus a
@@ -308,3 +307,32 @@ def test_merge_to_native_leaves_the_model_exactly_as_it_was(tmp_path):
         merge_to_native(model)
     assert all(torch.equal(t, before[n]) for n, t in model.state_dict().items())  # not W + d - d, which rounds
     assert not any(m.merged for m in model.adaptkit.methods)
+
+
+def test_a_clip_export_of_a_preset_is_recreated_by_plain_open_clip_and_its_readme_names_its_files(tmp_path):
+    # clip_tiny_digits is adaptkit's own configuration: plain open_clip knows it only from the export's
+    # open_clip_config.json; the export's README names the files the export holds
+    import open_clip
+    from safetensors.torch import load_file
+
+    model = randomised(adaptkit.build(clip_spec(tmp_path, [{"name": "lora", "rank": 2, "targets": ["attn.q", "mlp.in"]}])))
+    files = export_peft(model, tmp_path / "peft", include_base=True)
+    assert "open_clip_config.json" in files
+    plain = open_clip.create_model(f"local-dir:{tmp_path / 'peft'}", load_weights=False)
+    plain.load_state_dict(load_file(tmp_path / "peft" / "base_model.safetensors"))
+    peft_model = peft.PeftModel.from_pretrained(plain, tmp_path / "peft").eval()
+    backbone = model.backbone
+    ours = clip_outputs(lambda x: backbone.net.visual(x), backbone.encode_text, backbone)
+    for a, b in zip(clip_outputs(peft_model.encode_image, peft_model.encode_text, backbone), ours):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    readme = (tmp_path / "peft" / "README.md").read_text()
+    assert "base_model.safetensors" in readme and "'model.safetensors'" not in readme
+    assert "local-dir:<this directory>" in readme
+
+
+def test_the_timm_export_readme_loads_base_model_safetensors(tmp_path):
+    model = randomised(adaptkit.build(spec_for(tmp_path, "vit", [{"name": "lora", "rank": 2}])))
+    export_peft(model, tmp_path / "peft", include_base=True)
+    readme = (tmp_path / "peft" / "README.md").read_text()
+    assert "load_file('base_model.safetensors')" in readme and "'model.safetensors'" not in readme
+    assert "['recipe']['create_model']" in readme

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import diffusers
+import peft
 import pytest
 import torch
 
@@ -14,9 +16,6 @@ from adaptkit.errors import CompatibilityError
 from adaptkit.native import load_trained, merge_to_native, native_copy
 from adaptkit.peft_format import export_peft, import_peft
 from tests.test_interop import randomised
-
-peft = pytest.importorskip("peft")
-diffusers = pytest.importorskip("diffusers")
 
 CLASS = {"name": "ddpm_unet", "model": "ddpm_unet_tiny", "conditioning": "class", "num_classes": 10}
 CROSS_CLASS = {"name": "ddpm_unet", "model": "ddpm_unet_cross_tiny", "conditioning": "class", "num_classes": 10}
@@ -194,7 +193,7 @@ def test_what_cannot_leave_a_diffusion_run_is_a_clear_error(tmp_path):
 def test_stylegan2_lora_merges_into_a_rosinality_layout_generator_file(tmp_path):
     from safetensors.torch import load_file
 
-    from adaptkit_plugins.backbones._stylegan2_impl import StyleGan2Backbone, build_generator
+    from adaptkit_plugins.stylegan.generator import StyleGan2Backbone, build_generator
 
     sg = {"name": "sg", "backbone": {"name": "stylegan2", "model": "stylegan2_tiny_8"},
           "methods": [{"name": "lora", "rank": 2, "targets": ["conv", "mlp.in"]}],

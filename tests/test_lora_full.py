@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import adaptkit
+from adaptkit.compat import check_spec
 from adaptkit.errors import CompatibilityError
 from tests.conftest import tiny_vit_spec
 
@@ -115,3 +116,24 @@ def test_full_on_roles_trains_only_those_rows(tmp_path):
     torch.testing.assert_close(model.logits(images()), out, rtol=1e-5, atol=1e-5)
     model = built(tmp_path, [{"name": "full", "targets": ["attn.q", "attn.k", "attn.v"]}])
     assert "backbone.net.blocks.0.attn.qkv.weight" in adaptkit.trainable_state(model)  # all rows: unfreeze the layer
+
+
+def test_tower_both_means_what_validation_says_at_build_too():
+    # validation read `tower: both` as "every tower with the site"; the build read it as "every tower, each with
+    # the site", so system_prompt (text sites, the text tower only) passed validate and failed at build
+    spec = {"backbone": {"name": "clip", "model": "clip_tiny_digits"}, "task": {"name": "zero_shot"}, "data": {"name": "digits"},
+            "methods": [{"name": "system_prompt", "templates": ["a photo of a {}"], "tower": "both"}]}
+    loaded = adaptkit.load_spec(spec)
+    assert check_spec(loaded, adaptkit.registry()) == []
+    model = adaptkit.build(loaded)
+    assert model.adaptkit.methods[0].name == "system_prompt"
+
+
+def test_an_unknown_tower_in_a_list_is_named_alone():
+    spec = {"backbone": {"name": "clip", "model": "clip_tiny_digits"}, "task": {"name": "zero_shot"}, "data": {"name": "digits"},
+            "methods": [{"name": "full", "tower": ["vision", "nope"]}]}
+    problems = check_spec(adaptkit.load_spec(spec), adaptkit.registry())
+    assert problems == ["methods[0]: method 'full': backbone 'clip' has no tower 'nope'; towers: vision, text"]
+    spec["methods"] = [{"name": "lora", "tower": ["both"]}]
+    assert check_spec(adaptkit.load_spec(spec), adaptkit.registry()) == []
+    assert adaptkit.build(spec).adaptkit.methods[0].name == "lora"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 import adaptkit
 from tests.conftest import tiny_vit_spec
 
@@ -16,4 +18,7 @@ def test_tiny_run_writes_its_files(tmp_path):
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [3, 6]
     assert 0.0 <= result.metrics["test"]["accuracy"] <= 1.0
+    test = result.metrics["test"]  # a fraction of the test images, and the one metrics.json reports
+    assert test["count"] > 0 and test["accuracy"] * test["count"] == pytest.approx(round(test["accuracy"] * test["count"]))
+    assert json.loads((out / "metrics.json").read_text())["test"]["accuracy"] == test["accuracy"]
     assert result.metrics["trainable_params"] < result.metrics["total_params"]

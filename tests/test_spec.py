@@ -11,7 +11,7 @@ import pytest
 import adaptkit
 from adaptkit.errors import SpecError
 from adaptkit.spec import apply_overrides, json_schema, parse_value
-from adaptkit_plugins.backbones.vit import VitParams
+from adaptkit_plugins.timm.vit import VitParams
 from adaptkit_plugins.data.digits import DigitsParams
 from adaptkit_plugins.methods.lora import LoraParams
 from adaptkit_plugins.tasks.classification import ClassificationParams

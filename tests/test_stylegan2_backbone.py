@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 import adaptkit
 from adaptkit.errors import CheckpointError, CompatibilityError, PluginError, SpecError
-from adaptkit_plugins.backbones._stylegan2_impl import load_generator, read_generator_file, save_generator
-from adaptkit_plugins.backbones._stylegan2_nn import (
+from adaptkit_plugins.stylegan.generator import load_generator, read_generator_file, save_generator
+from adaptkit_plugins.stylegan.networks import (
     Generator,
     ModulatedConv2d,
     default_channels,
@@ -68,7 +68,7 @@ def test_upfirdn2d_matches_direct_loops(up, down, pad):
 
 
 def test_upsample_of_a_constant_is_constant_inside():
-    from adaptkit_plugins.backbones._stylegan2_nn import Upsample
+    from adaptkit_plugins.stylegan.networks import Upsample
 
     out = Upsample([1, 3, 3, 1])(torch.ones(1, 1, 6, 6))
     assert out.shape == (1, 1, 12, 12)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 import adaptkit
 from adaptkit.errors import DataError
-from adaptkit_plugins.backbones._stylegan2_impl import read_generator_file
+from adaptkit_plugins.stylegan.generator import read_generator_file
 
 
 def gan_spec(tmp_path, **task) -> dict:
@@ -68,6 +70,7 @@ def test_short_run_writes_samples_and_a_loadable_generator(tmp_path):
     for name in ("samples.png", "generator.safetensors", "metrics.json", "adapter.safetensors"):
         assert (out / name).exists(), name
     assert result.metrics["test"]["mmd"] == pytest.approx(result.metrics["test"]["mmd"])  # a number, not NaN
+    assert math.isfinite(result.metrics["test"]["mmd"])  # (approx to itself also passes for inf)
     state = read_generator_file(out / "generator.safetensors")
     assert state["conv1.conv.weight"].ndim == 5
     # the written generator is the EMA one, and loads as a backbone
@@ -153,3 +156,34 @@ def test_ema_moves_once_per_optimizer_step_and_resumes(tmp_path):
     resumed.training_step(batch)  # must not restart the average from the current weights
     with resumed.ema_weights():
         torch.testing.assert_close(resumed.backbone.generator.conv1.conv.weight.detach(), expected)
+
+
+def test_the_adapter_the_merge_and_the_reported_metrics_describe_one_generator(tmp_path):
+    # samples.png, generator.safetensors and the reported metrics come from the EMA generator; the adapter
+    # file (load_trained) and `adaptkit merge` must hold that same generator, not the last step's raw weights
+    from adaptkit.cli import main
+
+    spec = gan_spec(tmp_path, ema_decay=0.9)
+    result = adaptkit.run(spec, log=lambda *_: None)
+    out = result.output_dir
+    z = torch.randn(3, 16, generator=torch.Generator().manual_seed(1))
+    reported_spec = gan_spec(tmp_path)
+    reported_spec["backbone"]["pretrained"] = str(out / "generator.safetensors")
+    reported = adaptkit.build(reported_spec).backbone.generate(z)
+
+    loaded = adaptkit.load_trained(out)
+    torch.testing.assert_close(loaded.backbone.generate(z), reported)
+
+    assert main(["merge", str(out), str(tmp_path / "merged")]) == 0
+    merged_spec = gan_spec(tmp_path)
+    merged_spec["backbone"]["pretrained"] = str(tmp_path / "merged" / "generator.safetensors")
+    torch.testing.assert_close(adaptkit.build(merged_spec).backbone.generate(z), reported)
+
+    from adaptkit.distributed import DistInfo
+    from adaptkit.spec import TrainSpec
+    from adaptkit.train import Trainer
+
+    data = adaptkit.build(spec, keep_data=True).adaptkit.data
+    trainer = Trainer(loaded, data, TrainSpec(max_steps=1, batch_size=8, progress=False), seed=0, lr=1e-3, weight_decay=0.0,
+                      output_dir=tmp_path, device=torch.device("cpu"), dist=DistInfo())
+    assert trainer.evaluate("test")["mmd"] == pytest.approx(result.metrics["test"]["mmd"], rel=1e-5)

@@ -6,14 +6,13 @@ import json
 import math
 
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
-
-import adaptkit  # noqa: E402
-from adaptkit.backbone import Backbone  # noqa: E402
-from adaptkit.builder import build  # noqa: E402
-from adaptkit.errors import DataError  # noqa: E402
-from adaptkit_plugins.tasks._zero_shot_impl import ZeroShotModel  # noqa: E402
+import adaptkit
+from adaptkit.backbone import Backbone
+from adaptkit.builder import build
+from adaptkit.errors import DataError
+from adaptkit_plugins.clip._zero_shot_impl import ZeroShotModel
 
 
 class VectorBackbone(Backbone):

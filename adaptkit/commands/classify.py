@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
 from adaptkit.errors import CompatibilityError, DataError, SpecError
@@ -44,39 +43,18 @@ def parse_labels(text: str) -> list[str]:
     return labels
 
 
-def resolve_run(target: str) -> tuple[Path, Path | None]:
-    """(spec file, adapter file or None) of a run directory or a spec file."""
-    path = Path(target)
-    if path.is_dir():
-        spec = path / "spec.yaml"
-        if not spec.is_file():
-            raise SpecError(f"{path} is not a run directory (it has no spec.yaml)")
-        adapter = path / "adapter.safetensors"
-        return spec, adapter if adapter.is_file() else None
-    if not path.exists():
-        raise SpecError(f"{path}: no such run directory or spec file")
-    return path, None
-
-
 def load_image(path: str, channels: int, size: tuple[int, int]) -> Any:
-    """One image as a (channels, H, W) tensor in [-1, 1], resized to ``size``."""
-    import numpy as np
-    import torch
-    from PIL import Image, UnidentifiedImageError
+    """One image as a (channels, H, W) tensor in [-1, 1], bilinear-resized to ``size`` (:func:`adaptkit.images.image_tensor`)."""
+    from pathlib import Path
 
+    from adaptkit.images import image_tensor
+
+    if not Path(path).exists():
+        raise DataError(f"{path}: image not found")
     try:
-        with Image.open(path) as image:
-            image = image.convert("L" if channels == 1 else "RGB")
-            if image.size != (size[1], size[0]):
-                image = image.resize((size[1], size[0]), Image.BILINEAR)
-            array = np.asarray(image, dtype=np.float32)
-    except FileNotFoundError:
-        raise DataError(f"{path}: image not found") from None
-    except (UnidentifiedImageError, OSError) as exc:
-        raise DataError(f"{path}: cannot read image ({exc})") from None
-    tensor = torch.from_numpy(array)
-    tensor = tensor.unsqueeze(0) if tensor.ndim == 2 else tensor.permute(2, 0, 1)
-    return tensor / 127.5 - 1.0
+        return image_tensor(path, channels, size, "IMAGE")
+    except DataError as exc:
+        raise DataError(f"cannot read image: {exc}") from None
 
 
 def rank(model: Any, images: Any, labels: list[str]) -> Any:
@@ -95,25 +73,28 @@ def main(args: argparse.Namespace) -> int:
     import torch
 
     from adaptkit.builder import build
+    from adaptkit.capabilities import HasClassNames
     from adaptkit.checkpoint import load_adapter
+    from adaptkit.rundir import locate_run
     from adaptkit.spec import load_spec
 
     if args.top < 1:
         raise SpecError("--top must be at least 1")
     labels = parse_labels(args.labels) if args.labels is not None else None
-    spec_file, adapter = resolve_run(args.run)
+    source = locate_run(args.run, need_adapter=False)
+    spec_file, adapter = source.spec_file, source.adapter
     spec = load_spec(spec_file)
     model = build(spec)
     backbone = model.backbone
     if "text_features" not in backbone.capabilities:
         raise CompatibilityError(
             f"backbone '{spec.backbone.name}' does not encode text; classify ranks labels by image-text similarity "
-            "and needs a backbone such as clip"
+            "and needs a backbone with the text_features capability (see `adaptkit plugins backbone`)"
         )
     if adapter is not None:
         load_adapter(model, adapter)
     if labels is None:
-        names = getattr(model, "class_names", None) or model.adaptkit.data_info.class_names
+        names = (model.class_names if isinstance(model, HasClassNames) else None) or model.adaptkit.data_info.class_names
         if not names or len(names) < 2:
             raise SpecError("--labels: this run has no class names; give the labels, e.g. --labels cat,dog")
         labels = list(names)

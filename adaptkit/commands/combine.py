@@ -28,7 +28,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> int:
     from adaptkit.adapters import AdapterSet
     from adaptkit.errors import CompatibilityError
-    from adaptkit.commands._outputs import check_finite, check_output_dir, staged_output
+    from adaptkit.commands.outputs import check_finite, check_output_dir, staged_output
     from adaptkit.native import spec_of_run
 
     weights = args.weights or [1.0] * len(args.runs)

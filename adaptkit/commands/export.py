@@ -23,7 +23,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from adaptkit.commands._outputs import check_output_dir, staged_output
+    from adaptkit.commands.outputs import check_output_dir, staged_output
     from adaptkit.native import load_trained
     from adaptkit.peft_format import export_peft
 

@@ -1,4 +1,9 @@
-"""adaptkit generate RUN [--prompt TEXT | --class NAME | --image PATH] --num 16 --steps 50 --out grid.png"""
+"""adaptkit generate RUN [task flags] --num 16 --out grid.png
+
+The core command samples from any run whose task model generates
+(:class:`adaptkit.capabilities.Generates`); the flags that say what to sample (prompts,
+classes, source images, sampler settings) come from the task (``TaskRecord.generate_options``).
+"""
 
 from __future__ import annotations
 
@@ -7,75 +12,75 @@ from pathlib import Path
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from adaptkit.errors import PluginError
+    from adaptkit.registry import registry
+
     p = sub.add_parser(
-        "generate", help="sample images from a trained diffusion run (PNG grid + single images)",
+        "generate", help="sample images from a trained run whose task generates (PNG grid + single images)",
         description="Sample images from a run directory (or a YAML spec with a pretrained backbone). "
-        "Writes the grid to --out and each image to a folder named after it (grid.png -> grid/000.png ...).",
+        "Writes the grid to --out and each image to a folder named after it (grid.png -> grid/000.png ...). "
+        "What to sample (prompts, classes, images, sampler) is given with the flags of the run's task.",
     )
     p.add_argument("run", help="run directory (spec.yaml + adapter.safetensors) or YAML spec")
     p.add_argument("overrides", nargs="*", help="key.path=value overrides of the run's spec")
-    p.add_argument("--prompt", action="append", default=[], help="a text prompt (repeatable; one grid row each)")
-    p.add_argument("--class", dest="classes", action="append", default=[], help="a class name (repeatable)")
-    p.add_argument("--image", action="append", default=[], help="a source image for variations (unclip; repeatable)")
-    p.add_argument("--num", type=int, default=16, help="images per prompt / class / source image (default 16)")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the task's, 50)")
-    p.add_argument("--sampler", choices=["ddim", "ddpm"], default=None, help="scheduler (default: the task's, ddim)")
-    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the task's)")
-    p.add_argument("--eta", type=float, default=None, help="DDIM eta (0: deterministic)")
+    p.add_argument("--num", type=int, default=16, help="images per condition (default 16)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--batch-size", type=int, default=None,
-                   help="images denoised at once (default: all); bounds memory for a large --num")
+                   help="images generated at once (default: all); bounds memory for a large --num")
     p.add_argument("--out", default="samples.png", help="grid PNG path (default samples.png)")
     p.add_argument("--scale", type=int, default=None, help="pixel enlargement of the PNGs (default: at least 64 px high)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--overwrite", action="store_true", help="replace an existing grid and single images")
+    flags: dict[str, list[tuple[str, object]]] = {}  # task -> (dest, default) of the flags it added
+    for record in registry().records("task"):
+        if record.generate_options is None:
+            continue
+        group = p.add_argument_group(f"task {record.name}", record.summary)
+        before = list(p._actions)
+        try:
+            record.generate_options.add_arguments(group)
+        except argparse.ArgumentError as exc:
+            raise PluginError(f"task '{record.name}' (plugin {record.provider}): its generate flags clash with "
+                              f"another task's or the command's own: {exc}") from None
+        flags[record.name] = [(a.dest, a.default) for a in p._actions if a not in before]
+    p.set_defaults(_task_flags=flags)
     return p
 
 
 def main(args: argparse.Namespace) -> int:
-    from adaptkit.commands._outputs import (
-        MAX_IMAGE_SIDE, atomic_png, check_device, check_finite, check_image_file, check_png_outputs, check_seed,
-    )
+    from adaptkit.capabilities import Generates
+    from adaptkit.commands.outputs import MAX_IMAGE_SIDE, atomic_png, check_device, check_png_outputs, check_seed
     from adaptkit.errors import CompatibilityError, RunError
     from adaptkit.images import save_grid, save_images
+    from adaptkit.registry import registry
+    from adaptkit.runner import load_run
 
     if args.num < 1:
         raise RunError(f"--num must be at least 1, got {args.num}")
-    if args.steps is not None and args.steps < 1:
-        raise RunError(f"--steps must be at least 1, got {args.steps}")
     if args.scale is not None and args.scale < 1:
         raise RunError(f"--scale must be at least 1, got {args.scale}")
     if args.batch_size is not None and args.batch_size < 1:
         raise RunError(f"--batch-size must be at least 1, got {args.batch_size}")
     check_seed(args.seed)
-    check_finite(args.guidance, "--guidance", low=0)
-    check_finite(args.eta, "--eta", low=0, high=1)
     check_device(args.device)
-    for image in args.image:
-        if not Path(image).is_file():
-            raise RunError(f"--image {image}: file not found" if not Path(image).exists() else f"--image {image}: not a file")
-    out = check_png_outputs(args.out, "--out", args.overwrite, folder=Path(args.out).with_suffix(""), sources=args.image)
-
-    from adaptkit.runner import load_run
 
     model = load_run(args.run, args.overrides, device=args.device)
-    generate = getattr(model, "generate", None)
-    if generate is None:
-        raise CompatibilityError(f"{args.run}: task '{model.adaptkit.spec.task.name}' does not generate images")
-    backbone = model.backbone
-    size = getattr(backbone, "image_size", None)
-    size = (size, size) if isinstance(size, int) else (tuple(size) if size else None)
-    if args.scale is not None and size and max(size) * args.scale > MAX_IMAGE_SIDE:
-        raise RunError(f"--scale {args.scale}: images of {max(size) * args.scale} pixels; at most {MAX_IMAGE_SIDE} per side")
-    for image in args.image:
-        note = check_image_file(image, "--image", getattr(backbone, "in_chans", None), size)
-        if note:
-            print(f"note: {note}")
-    images, rows = generate(
-        prompts=args.prompt or None, classes=args.classes or None, images=args.image or None, num=args.num,
-        seed=args.seed, steps=args.steps, sampler=args.sampler, guidance=args.guidance, eta=args.eta,
-        batch_size=args.batch_size,
-    )
+    task = model.adaptkit.spec.task.name
+    if not isinstance(model, Generates):
+        raise CompatibilityError(f"{args.run}: task '{task}' does not generate images")
+    own = {dest for dest, _ in args._task_flags.get(task, [])}
+    for other, flags in args._task_flags.items():
+        for dest, default in flags:
+            if dest not in own and getattr(args, dest) != default:
+                raise RunError(f"--{dest.replace('_', '-')} is a flag of task '{other}'; this run's task is '{task}'")
+    options = registry().get("task", task).generate_options
+    conditions, sources = options.read(args, model) if options is not None else ({}, [])
+    out = check_png_outputs(args.out, "--out", args.overwrite, folder=Path(args.out).with_suffix(""), sources=sources)
+    size = model.backbone.image_size
+    side = max(size) if isinstance(size, (tuple, list)) else size
+    if args.scale is not None and side and side * args.scale > MAX_IMAGE_SIDE:
+        raise RunError(f"--scale {args.scale}: images of {side * args.scale} pixels; at most {MAX_IMAGE_SIDE} per side")
+    images, rows = model.generate(num=args.num, seed=args.seed, batch_size=args.batch_size, **conditions)
     columns = len(images) // len(rows)
     atomic_png(save_grid, out, images, columns=columns, scale=args.scale)
     singles = save_images(images, out.with_suffix(""), scale=args.scale)

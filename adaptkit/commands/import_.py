@@ -18,7 +18,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("out", help="run directory to write")
     p.add_argument("--spec", help="YAML spec of the base model (backbone, task, data)")
     p.add_argument("overrides", nargs="*", help="key.path=value overrides of the spec")
-    p.add_argument("--method", help="the low-rank method plugin to hold the factors (default: the only one registered, lora)")
+    p.add_argument("--method", help="the low-rank method plugin to hold the factors (default: the only one registered)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT's files (a directory holding a run is replaced whole)")
     return p
 
@@ -28,7 +28,7 @@ def main(args: argparse.Namespace) -> int:
     from adaptkit.errors import SpecError
     from pathlib import Path
 
-    from adaptkit.commands._outputs import check_output_dir, staged_output
+    from adaptkit.commands.outputs import check_output_dir, staged_output
     from adaptkit.native import save_run
     from adaptkit.peft_format import import_peft
 

@@ -10,7 +10,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "merge", help="fold a run's LoRA (or other mergeable method) into the base weights and save a plain model",
         description="Merge every method of a run into the base weights and write OUT/ in the backbone library's own "
         "layout and names (timm: model.safetensors for timm.create_model; diffusers: a save_pretrained directory for "
-        "UNet2DModel / UNet2DConditionModel.from_pretrained; open_clip: a local-dir directory; stylegan2: "
+        "UNet2DModel / UNet2DConditionModel.from_pretrained; open_clip: a local-dir directory; StyleGAN2: "
         "generator.safetensors in rosinality's layout), with adaptkit_native.json saying how to create the model. The classification head goes "
         "where the library keeps a classifier. Plain timm / open_clip / diffusers load the result without adaptkit.",
     )
@@ -23,7 +23,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from adaptkit.commands._outputs import check_output_dir, staged_output
+    from adaptkit.commands.outputs import check_output_dir, staged_output
     from adaptkit.native import load_trained, merge_to_native, save_native
 
     check_output_dir(args.out, "OUT", args.overwrite, sources=[args.run])

@@ -10,8 +10,8 @@ from typing import Any
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser("plugins", help="list registered backbones, methods, tasks, data sources and presets")
-    p.add_argument("kind", nargs="?", choices=["backbone", "method", "task", "data", "preset"], help="only this kind")
+    p = sub.add_parser("plugins", help="list registered backbones, methods, tasks, data sources, loggers and presets")
+    p.add_argument("kind", nargs="?", choices=["backbone", "method", "task", "data", "logger", "preset"], help="only this kind")
     p.add_argument("pattern", nargs="?", default="*", help="fnmatch pattern on names, e.g. 'vi*'")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     return p
@@ -50,13 +50,19 @@ def main(args: argparse.Namespace) -> int:
     from adaptkit.registry import KINDS, registry
 
     reg = registry()
-    kinds = [args.kind] if args.kind and args.kind != "preset" else ([] if args.kind == "preset" else list(KINDS))
+    kinds = [args.kind] if args.kind in KINDS else ([] if args.kind else list(KINDS))
     listing: dict[str, Any] = {}
     for kind in kinds:
         listing[kind] = [
             {"name": r.name, "provider": r.provider, "source": reg.source(r.provider), "summary": r.summary,
              "params": describe_params(r.params)}
             for r in reg.find(kind, args.pattern)
+        ]
+    if args.kind in (None, "logger"):
+        listing["logger"] = [
+            {"name": r.name, "provider": r.provider, "source": reg.source(r.provider), "summary": r.summary,
+             "default": r.name in reg.default_loggers, "params": []}
+            for r in reg.loggers() if fnmatch.fnmatch(r.name, args.pattern)
         ]
     if args.kind in (None, "preset"):
         listing["preset"] = [
@@ -68,7 +74,8 @@ def main(args: argparse.Namespace) -> int:
         print(json.dumps({**listing, "failures": failures}, indent=2, default=str))
     else:
         for kind, items in listing.items():
-            print({"backbone": "backbones:", "method": "methods:", "task": "tasks:", "data": "data sources:", "preset": "presets:"}[kind])
+            print({"backbone": "backbones:", "method": "methods:", "task": "tasks:", "data": "data sources:", "logger": "loggers (train.loggers):",
+                   "preset": "presets:"}[kind])
             for item in items:
                 if kind == "preset":
                     print(f"  {item['name']:<22} backbone {item['backbone']:<10} {item['summary']}")

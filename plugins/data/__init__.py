@@ -1,1 +1,1 @@
-"""Built-in data plugins."""
+"""Generic data sources: digits, image folders, tar shards, datasets, latent seeds."""

@@ -50,7 +50,7 @@ def load_digit_images(classes: list[int] | None) -> tuple[Any, Any, Any]:
 
 
 def load_digits_bundle(params: DigitsParams, ctx: Any) -> Any:
-    from adaptkit_plugins.data._images import labelled_bundle
+    from adaptkit_plugins.data.image_samples import labelled_bundle
 
     images, labels, _ = load_digit_images(params.classes)
     classes = params.classes if params.classes is not None else list(range(10))

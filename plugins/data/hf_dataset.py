@@ -120,7 +120,7 @@ def _labels(table: Any, key: str, split_of: Any) -> tuple[Any, list[str]]:
 
 
 class TableReader:
-    """Rows of a ``datasets`` table by index (see :class:`adaptkit_plugins.data._images.SampleReader`):
+    """Rows of a ``datasets`` table by index (see :class:`adaptkit_plugins.data.image_samples.SampleReader`):
     the image column as stored (PNG/JPEG bytes or a path), decoded here."""
 
     def __init__(self, table: Any, image_key: str, caption_key: str | None, bounds: list[tuple[str, int]]) -> None:
@@ -130,7 +130,7 @@ class TableReader:
         return len(self.table)
 
     def image(self, i: int) -> Any:
-        from adaptkit_plugins.data._images import SampleError, decode
+        from adaptkit_plugins.data.image_samples import SampleError, decode
 
         value = self.table[i][self.image_key]
         if isinstance(value, dict):
@@ -156,8 +156,8 @@ def hf_bundle(params: HFDatasetParams, ctx: Any, kind: str) -> Any:
     import numpy as np
 
     from adaptkit.errors import DataError
-    from adaptkit_plugins.data._images import lazy_bundle
-    from adaptkit_plugins.data._shards import split_rows
+    from adaptkit_plugins.data.image_samples import lazy_bundle
+    from adaptkit_plugins.data.tar_shards import split_rows
 
     splits = _load_splits(params)  # first: says how to install datasets where it is missing
     from datasets import Image, concatenate_datasets

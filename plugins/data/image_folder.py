@@ -41,7 +41,7 @@ def list_images(folder: Any) -> list[str]:
 
 
 class FileReader:
-    """Image files by index (see :class:`adaptkit_plugins.data._images.SampleReader`)."""
+    """Image files by index (see :class:`adaptkit_plugins.data.image_samples.SampleReader`)."""
 
     def __init__(self, paths: list[str], expect_size: tuple[int, int] | None = None) -> None:
         self.paths, self.expect_size = paths, expect_size
@@ -50,7 +50,7 @@ class FileReader:
         return len(self.paths)
 
     def image(self, i: int) -> Any:
-        from adaptkit_plugins.data._images import decode
+        from adaptkit_plugins.data.image_samples import decode
 
         path = self.paths[i]
         image = decode(lambda: path, path)
@@ -65,39 +65,13 @@ class FileReader:
         return self.paths[i]
 
 
-def read_images(paths: list[Any], mode: str, size: tuple[int, int] | None, resize: bool = True) -> Any:
-    """A few image files as one tensor in [-1, 1] (n, channels, h, w), bilinear-resized to
-    ``size`` (for prompts and sources given as files on the command line, not datasets)."""
-    import numpy as np
-    import torch
-    from PIL import Image
-
-    from adaptkit.errors import DataError
-    from adaptkit_plugins.data._images import SampleError, decode
-
-    arrays = []
-    for path in paths:
-        try:
-            image = decode(lambda: path, str(path)).convert(mode)
-        except SampleError as exc:
-            raise DataError(f"data: {exc}") from None
-        if size is not None and image.size != (size[1], size[0]):
-            if not resize:
-                raise DataError(f"data: {path} is {image.size[0]}x{image.size[1]}, expected {size[1]}x{size[0]} (set data.resize=true to resize)")
-            image = image.resize((size[1], size[0]), Image.BILINEAR)
-        arrays.append(np.asarray(image, dtype=np.float32))
-    stacked = torch.from_numpy(np.stack(arrays))
-    stacked = stacked.unsqueeze(1) if stacked.ndim == 3 else stacked.permute(0, 3, 1, 2)
-    return stacked / 127.5 - 1.0
-
-
 def load_image_folder(params: ImageFolderParams, ctx: Any) -> Any:
     from pathlib import Path
 
     import numpy as np
 
     from adaptkit.errors import DataError
-    from adaptkit_plugins.data._images import few_shot, input_config, lazy_bundle, stratified_split
+    from adaptkit_plugins.data.image_samples import few_shot, input_config, lazy_bundle, stratified_split
 
     root = Path(params.root)
     if not root.is_dir():

@@ -64,13 +64,13 @@ class ShardCaptionsParams(ShardsParams):
 
 
 def load_shards(params: ShardsParams, ctx: Any) -> Any:
-    from adaptkit_plugins.data._shards import shards_bundle
+    from adaptkit_plugins.data.tar_shards import shards_bundle
 
     return shards_bundle(params, ctx, "labelled_images")
 
 
 def load_shard_captions(params: ShardCaptionsParams, ctx: Any) -> Any:
-    from adaptkit_plugins.data._shards import shards_bundle
+    from adaptkit_plugins.data.tar_shards import shards_bundle
 
     return shards_bundle(params, ctx, "captioned_images")
 

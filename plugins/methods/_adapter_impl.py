@@ -10,7 +10,7 @@ from torch import nn
 from adaptkit.errors import CompatibilityError
 from adaptkit.method import AppliedMethod
 from adaptkit.surface import BlockSite, Surface
-from adaptkit_plugins.methods._common import attach, host, pick
+from adaptkit_plugins.methods.common import attach, host, pick
 
 _ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "tanh": nn.Tanh, "silu": nn.SiLU}
 

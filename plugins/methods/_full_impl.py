@@ -7,9 +7,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from adaptkit.errors import CompatibilityError
 from adaptkit.method import AppliedMethod
-from adaptkit.surface import LayerSite, Surface, Tower
+from adaptkit.surface import LayerSite, Surface
+from adaptkit_plugins.methods.common import attach
 
 
 class RowDelta(nn.Module):
@@ -72,7 +72,7 @@ class AppliedFull(AppliedMethod):
 
 
 def apply(params: Any, surface: Surface) -> AppliedFull:
-    towers = _chosen(params, surface)
+    towers = surface.select(params.tower, None, "full")
     deltas: list[RowDelta] = []
     frozen_before = {id(p) for p in surface.root.parameters() if not p.requires_grad}
     embeddings = {id(p) for t in towers for n, p in surface.tower_parameters(t).items() if n in t.embeddings}
@@ -96,7 +96,7 @@ def apply(params: Any, surface: Surface) -> AppliedFull:
                 has_bias = getattr(module, "bias", None) is not None
                 expected += rows * module.weight[0].numel() + (rows if has_bias else 0)
                 delta = RowDelta(module, site.rows)
-                module.add_module(_free_name(module, "full_delta"), delta)
+                attach(module, "full_delta", delta)
                 deltas.append(delta)
     else:
         for tower in towers:
@@ -113,21 +113,3 @@ def apply(params: Any, surface: Surface) -> AppliedFull:
     unfrozen = sum(p.numel() for p in surface.root.parameters() if p.requires_grad and id(p) in frozen_before)
     summary = f"{unfrozen:,} weights unfrozen" + (f", {len(deltas)} fused-row updates" if deltas else "")
     return AppliedFull(deltas, summary, expected)
-
-
-def _chosen(params: Any, surface: Surface) -> list[Tower]:
-    if params.tower in ("all", "both", None):
-        return list(surface.towers.values())
-    names = [params.tower] if isinstance(params.tower, str) else list(params.tower)
-    missing = [n for n in names if n not in surface.towers]
-    if missing:
-        raise CompatibilityError(f"method 'full': backbone '{surface.backbone}' has no tower '{missing[0]}'; towers: {', '.join(surface.towers)}")
-    return [surface.towers[n] for n in names]
-
-
-def _free_name(module: nn.Module, base: str) -> str:
-    name, i = base, 1
-    while hasattr(module, name):
-        name = f"{base}_{i}"
-        i += 1
-    return name

@@ -24,6 +24,7 @@ from torch import nn
 from adaptkit.errors import CompatibilityError
 from adaptkit.method import AppliedMethod, LowRankUpdate
 from adaptkit.surface import LayerSite, Surface
+from adaptkit_plugins.methods.common import attach
 
 
 class LoraDelta(nn.Module):
@@ -198,11 +199,7 @@ def apply(params: Any, surface: Surface) -> AppliedLora:
         rows = layer.weight.shape[0] if parts == [None] else sum(s.out_size for s in group)
         expected += rank * (len(parts) * layer.weight[0].numel() + rows)
         delta = LoraDelta(layer, parts, rank, scale, params.dropout, params.init)
-        child = "lora"
-        index = 1
-        while hasattr(layer, child):
-            child, index = f"lora_{index}", index + 1
-        layer.add_module(child, delta)
+        attach(layer, "lora", delta)
         deltas[name] = delta
     count = sum(p.numel() for d in deltas.values() for p in d.parameters())
     ranks = sorted({d.rank for d in deltas.values()})

@@ -10,7 +10,7 @@ from torch import nn
 
 from adaptkit.method import AppliedMethod
 from adaptkit.surface import AttentionSite, Surface
-from adaptkit_plugins.methods._common import attach, host, pick
+from adaptkit_plugins.methods.common import attach, host, pick
 
 
 class PrefixKV(nn.Module):

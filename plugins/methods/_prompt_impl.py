@@ -11,7 +11,7 @@ from torch import nn
 from adaptkit.errors import CompatibilityError
 from adaptkit.method import AppliedMethod
 from adaptkit.surface import AttentionSite, PromptSource, Surface, Tower
-from adaptkit_plugins.methods._common import attach, host, towers_with
+from adaptkit_plugins.methods.common import attach, host
 from adaptkit_plugins.methods.prompt import sites_needed
 
 
@@ -69,7 +69,7 @@ def _words(params: Any, site: Any, tower: str, backbone: str) -> torch.Tensor | 
 
 def apply(params: Any, surface: Surface) -> AppliedMethod:
     kinds = sites_needed(params)
-    towers = towers_with(surface, params.tower, kinds, "prompt")
+    towers = surface.select(params.tower, kinds, "prompt")
     added: list[nn.Module] = []
     expected = 0
     routes = []

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from adaptkit.compat import require, tower_names
+from adaptkit.compat import require
 from adaptkit.hookspecs import hookimpl
 from adaptkit.params import ComponentParams
 from adaptkit.records import MethodRecord
@@ -26,9 +26,7 @@ class FullParams(ComponentParams):
 def check_full(params: FullParams, backbone: str, towers: Any) -> list[str]:
     if params.targets:
         return require("full", backbone, towers, params.tower, "layers", params.targets)
-    if tower_names(params.tower, towers) is None:
-        return [f"method 'full': backbone '{backbone}' has no tower '{params.tower}'; towers: {', '.join(towers)}"]
-    return []
+    return require("full", backbone, towers, params.tower, None)
 
 
 def apply_full(params: FullParams, surface: Any, ctx: Any) -> Any:

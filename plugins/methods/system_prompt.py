@@ -20,23 +20,9 @@ from adaptkit.errors import did_you_mean
 from adaptkit.hookspecs import hookimpl
 from adaptkit.params import ComponentParams
 from adaptkit.records import MethodRecord
+from adaptkit.templates import PLACEHOLDERS, check_template, fill
 
-#: placeholders a template may use for the text it wraps
-PLACEHOLDERS = ("{label}", "{text}", "{}")
 BUILTIN_SETS = Path(__file__).with_name("template_sets.yaml")
-
-
-def fill(template: str, text: str) -> str:
-    """``fill("a photo of a {label}.", "cat") == "a photo of a cat."`` (also ``{text}`` and ``{}``)."""
-    for placeholder in PLACEHOLDERS:
-        template = template.replace(placeholder, text)
-    return template
-
-
-def check_template(template: str) -> str:
-    if not isinstance(template, str) or not any(p in template for p in PLACEHOLDERS):
-        raise ValueError(f"template {template!r} has no placeholder; write {{label}} where the text goes")
-    return template
 
 
 @lru_cache(maxsize=16)

@@ -1,1 +1,1 @@
-"""Built-in tasks plugins."""
+"""Generic tasks that work with any backbone that gives features (classification)."""

@@ -21,7 +21,7 @@ class ClassificationParams(ComponentParams):
 
 
 def build_classification(params: ClassificationParams, backbone: Any, data_info: Any, ctx: Any) -> Any:
-    from adaptkit_plugins.tasks._classification_impl import ClassificationModel
+    from adaptkit_plugins.tasks.classification_model import ClassificationModel
 
     return ClassificationModel.create(params, backbone, data_info)
 

@@ -1,0 +1,1 @@
+"""Experiment loggers: plugins on the training-lifecycle hooks, picked by name in ``train.loggers``."""

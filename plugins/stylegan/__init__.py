@@ -1,0 +1,1 @@
+"""The StyleGAN family: the StyleGAN2 backbone, the GAN task and CLIP-guided editing."""
