@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from adaptkit.checkpoint import fingerprint
+from adaptkit.base_fingerprint import base_fingerprint, recording_weights_files
 from adaptkit.compat import check_spec
 from adaptkit.data import DataBundle, DataInfo
 from adaptkit.errors import AdaptkitError, CompatibilityError, DataError, PluginError
@@ -83,10 +84,12 @@ def build(spec: RunSpec | dict[str, Any] | str, registry: Registry | None = None
     seed_everything(spec.seed)
     ctx = BuildContext(spec=spec, registry=reg)
     backbone_record = reg.get("backbone", spec.backbone.name)
-    backbone = call_factory(reg, backbone_record, spec.backbone, ctx)
+    with recording_weights_files() as weights_files:
+        backbone = call_factory(reg, backbone_record, spec.backbone, ctx)
     backbone.registered_name = backbone_record.name
     ctx.backbone = backbone
-    base_fp = fingerprint(backbone.base_state_dict())
+    # hashed once per weights file, then cached (the params and seed decide what the files do not hold)
+    base_fp = base_fingerprint(backbone, weights_files, key=json.dumps([spec.backbone.model_dump(mode="json"), spec.seed], sort_keys=True))
 
     data = call_factory(reg, reg.get("data", spec.data.name), spec.data, ctx)
     model: TaskModel = call_factory(reg, reg.get("task", spec.task.name), spec.task, backbone, data.info, ctx)

@@ -171,6 +171,9 @@ def _load_weights(path: Path) -> dict[str, torch.Tensor]:
             raise CheckpointError(f"{path}: directory holds no model.safetensors, *.safetensors or pytorch_model.bin")
         path = found
     _require_file(path)
+    from adaptkit.base_fingerprint import note_weights_file
+
+    note_weights_file(path)
     if path.suffix == ".safetensors" or _looks_like_safetensors(path):
         return load_tensors(path)[0]
     try:
