@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from adaptkit.blocks import checkpoint_blocks, compile_blocks
 from adaptkit.checkpoint import first_non_finite, load_tensors, save_tensors
 from adaptkit.data import BatchDataset, DataBundle, LoaderOptions, PlannedLoader, SequentialPlan, to_device
 from adaptkit.distributed import DistInfo, full_tensor, like, shard_model, unshard_for_good, unsharded_root
@@ -170,6 +171,10 @@ class Trainer:
     def fit(self) -> TrainResult:
         model = self.model.to(self.device)
         model.train()
+        if self.cfg.gradient_checkpointing:
+            checkpoint_blocks(model)
+        if self.cfg.compile:
+            compile_blocks(model)
         self.fsdp = self.cfg.strategy == "fsdp" and self.dist.enabled
         if self.cfg.strategy == "fsdp" and not self.dist.enabled:
             self.log("train.strategy is fsdp but this is one process (not launched with torchrun): nothing to shard, training as a plain loop")

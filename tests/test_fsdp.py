@@ -82,6 +82,16 @@ def test_fsdp_two_processes_match_one(tmp_path, single):
     assert not any(type(p).__name__ == "DTensor" for p in model.parameters())
 
 
+@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
+def test_gradient_checkpointing_under_torchrun_matches_one(tmp_path, single, strategy):
+    """Recomputing every block in backward (inside FSDP's units, or under DDP) trains the same adapter."""
+    spec = fsdp_spec(tmp_path, f"{strategy}_checkpointed")
+    spec["train"].update({"strategy": strategy, "gradient_checkpointing": True})
+    done = torchrun(tmp_path, spec)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert_same_adapter(single, tmp_path / f"{strategy}_checkpointed")
+
+
 def test_fsdp_resume_after_a_crash_matches_one(tmp_path, single):
     spec = fsdp_spec(tmp_path, "fsdp_resumed")
     crash = tmp_path / "crash.py"
@@ -103,7 +113,7 @@ def test_fsdp_resume_after_a_crash_matches_one(tmp_path, single):
 def test_strategy_is_validated_and_not_part_of_the_fingerprint(tmp_path):
     plain = load_spec(tiny_vit_spec(tmp_path))
     assert plain.train.strategy == "auto"
-    sharded = load_spec(tiny_vit_spec(tmp_path), ["train.strategy=fsdp"])
+    sharded = load_spec(tiny_vit_spec(tmp_path), ["train.strategy=fsdp", "train.gradient_checkpointing=true", "train.compile=true"])
     assert sharded.train.strategy == "fsdp" and sharded.fingerprint() == plain.fingerprint()
     with pytest.raises(SpecError, match="strategy"):
         load_spec(tiny_vit_spec(tmp_path), ["train.strategy=zero3"])
