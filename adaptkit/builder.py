@@ -14,6 +14,7 @@ from adaptkit.compat import check_spec
 from adaptkit.data import DataBundle, DataInfo
 from adaptkit.errors import AdaptkitError, CompatibilityError, DataError, PluginError
 from adaptkit.method import AppliedMethod
+from adaptkit.precision import spec_dtype, store_frozen
 from adaptkit.records import PresetRecord
 from adaptkit.registry import Registry
 from adaptkit.spec import RunSpec, load_spec
@@ -99,6 +100,8 @@ def build(spec: RunSpec | dict[str, Any] | str, registry: Registry | None = None
     surface = model.surface
     for params in spec.methods:
         applied.append(call_factory(reg, reg.get("method", params.name), params, surface, ctx))
+    # the base in the spec's dtype now that the methods have made trainable (fp32) what they train
+    store_frozen(model.backbone, spec_dtype(spec))
     model.adaptkit = BuildInfo(spec, base_fp, applied, data.info, data if keep_data else None)
     return model
 

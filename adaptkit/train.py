@@ -24,6 +24,7 @@ from adaptkit.checkpoint import first_non_finite, load_tensors, save_tensors
 from adaptkit.data import BatchDataset, DataBundle, LoaderOptions, PlannedLoader, SequentialPlan, to_device
 from adaptkit.distributed import DistInfo, full_tensor, like, shard_model, unshard_for_good, unsharded_root
 from adaptkit.errors import CheckpointError, RunError
+from adaptkit.precision import compute_context
 from adaptkit.spec import TrainSpec
 from adaptkit.task import TaskModel
 
@@ -163,9 +164,7 @@ class Trainer:
         return torch.optim.AdamW(groups, lr=self.lr, betas=self.cfg.betas)
 
     def _autocast(self) -> Any:
-        if self.cfg.precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return torch.autocast(self.device.type, enabled=False)
+        return compute_context(self.model, self.device.type, self.cfg.precision)
 
     # ----------------------------------------------------------------- loop
     def fit(self) -> TrainResult:

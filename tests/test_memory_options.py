@@ -74,3 +74,62 @@ def test_options_are_validated(tmp_path, option):
     assert getattr(load_spec(tiny_vit_spec(tmp_path), [f"train.{option}=true"]).train, option) is True
     with pytest.raises(SpecError, match=option):
         load_spec(tiny_vit_spec(tmp_path), [f"train.{option}=sometimes"])
+
+
+# ----------------------------------------------------------------- backbone.dtype
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_every_backbone_stores_its_frozen_base_in_the_dtype_and_trains_fp32(dtype):
+    import copy
+
+    from adaptkit.precision import TORCH_DTYPES, compute_context
+
+    for record in adaptkit.registry().records("backbone"):
+        spec = copy.deepcopy(dict(record.example))
+        spec["backbone"] = {**spec["backbone"], "dtype": dtype}
+        spec["methods"] = [{"name": "lora"}]
+        model = adaptkit.build(spec, keep_data=True)
+        frozen = {p.dtype for p in model.backbone.parameters() if not p.requires_grad and p.is_floating_point()}
+        assert frozen == {TORCH_DTYPES[dtype]}, record.name
+        assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}, record.name
+        model.train()
+        with compute_context(model, "cpu"):
+            loss = model(model.adaptkit.data.train.batch(range(4))).loss
+        loss.backward()
+        assert torch.isfinite(loss), record.name
+        grads = [p.grad for p in model.parameters() if p.requires_grad]
+        assert grads and all(g is not None and g.dtype == torch.float32 for g in grads), record.name
+
+
+def test_bf16_base_trains_lora_in_fp32_loads_onto_fp32_and_merges(tmp_path):
+    from adaptkit.native import load_trained
+
+    spec = tiny_vit_spec(tmp_path, backbone={"name": "vit", "model": "vit_tiny_digits", "dtype": "bf16"})
+    adaptkit.run(spec, log=lambda line: None)
+    tensors = _adapter(tmp_path / "run")
+    assert tensors and all(t.dtype == torch.float32 for t in tensors.values())
+    full = adaptkit.build(tiny_vit_spec(tmp_path))
+    half = adaptkit.build(spec)
+    # the fingerprint is taken before the cast: one base, whatever dtype it is stored in
+    assert half.adaptkit.base_fingerprint == full.adaptkit.base_fingerprint
+    adaptkit.load_adapter(full, tmp_path / "run" / "adapter.safetensors")
+    trained = load_trained(tmp_path / "run")  # merging builds the base at fp32
+    assert {p.dtype for p in trained.parameters()} == {torch.float32}
+    x = torch.randn(4, 1, 8, 8)
+    unmerged = trained.logits(x)
+    torch.testing.assert_close(full.eval().logits(x), unmerged)
+    (lora,) = trained.adaptkit.methods
+    lora.merge()
+    torch.testing.assert_close(trained.logits(x), unmerged, rtol=1e-4, atol=1e-5)
+    adaptkit.load_adapter(half, tmp_path / "run" / "adapter.safetensors")
+    from adaptkit.precision import compute_context
+
+    with compute_context(half.eval(), "cpu"):
+        torch.testing.assert_close(half.logits(x).float(), unmerged, rtol=0.05, atol=0.05)
+
+
+def test_dtype_is_validated(tmp_path):
+    from adaptkit.errors import SpecError
+    from adaptkit.spec import load_spec
+
+    with pytest.raises(SpecError, match="backbone.dtype"):
+        load_spec(tiny_vit_spec(tmp_path), ["backbone.dtype=int8"])

@@ -71,11 +71,14 @@ def main(args: argparse.Namespace) -> int:
         note = check_image_file(image, "--image", getattr(backbone, "in_chans", None), size)
         if note:
             print(f"note: {note}")
-    images, rows = generate(
-        prompts=args.prompt or None, classes=args.classes or None, images=args.image or None, num=args.num,
-        seed=args.seed, steps=args.steps, sampler=args.sampler, guidance=args.guidance, eta=args.eta,
-        batch_size=args.batch_size,
-    )
+    from adaptkit.precision import compute_context
+
+    with compute_context(model, next(model.parameters()).device.type):
+        images, rows = generate(
+            prompts=args.prompt or None, classes=args.classes or None, images=args.image or None, num=args.num,
+            seed=args.seed, steps=args.steps, sampler=args.sampler, guidance=args.guidance, eta=args.eta,
+            batch_size=args.batch_size,
+        )
     columns = len(images) // len(rows)
     atomic_png(save_grid, out, images, columns=columns, scale=args.scale)
     singles = save_images(images, out.with_suffix(""), scale=args.scale)
