@@ -188,6 +188,19 @@ def _load_weights(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def hub_directory(pretrained: bool | str, config_file: str) -> Path | None:
+    """``pretrained`` (a spec's ``backbone.pretrained``) as a checkpoint directory in a library's hub
+    layout, recognised by the config file the library writes beside the weights; else None.
+
+    Example: ``hub_directory("ckpt/vit_b16", "config.json")`` -> ``Path("ckpt/vit_b16")`` when it
+    holds ``config.json`` (what ``huggingface-cli download timm/...`` leaves).
+    """
+    if not isinstance(pretrained, str):
+        return None
+    path = Path(pretrained)
+    return path if path.is_dir() and (path / config_file).is_file() else None
+
+
 def _looks_like_safetensors(path: Path) -> bool:
     with open(path, "rb") as handle:
         head = handle.read(9)
