@@ -24,37 +24,63 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-#: the weights files read while the current backbone is built (None outside a build)
-_READ: ContextVar[list[Path] | None] = ContextVar("adaptkit_weights_files", default=None)
+
+@dataclass
+class WeightsRead:
+    """The weights files a backbone's build read, and the floating-point dtypes they store."""
+
+    files: list[Path] = field(default_factory=list)
+    dtypes: set[Any] = field(default_factory=set)
+
+    def stored_dtype(self) -> Any:
+        """The one floating-point dtype the files store (torch.float16 for an fp16 checkpoint), else None."""
+        return next(iter(self.dtypes)) if len(self.dtypes) == 1 else None
+
+
+#: what the current backbone's build has read (None outside a build)
+_READ: ContextVar[WeightsRead | None] = ContextVar("adaptkit_weights_files", default=None)
 #: entries kept in the cache file; the oldest go first
 MAX_ENTRIES = 512
 CACHE_FILE = "base_fingerprints.json"
 
 
 @contextmanager
-def recording_weights_files() -> Iterator[list[Path]]:
+def recording_weights_files() -> Iterator[WeightsRead]:
     """Collect the weights files read (via :func:`note_weights_file`) inside the block."""
-    files: list[Path] = []
-    token = _READ.set(files)
+    read = WeightsRead()
+    token = _READ.set(read)
     try:
-        yield files
+        yield read
     finally:
         _READ.reset(token)
 
 
-def note_weights_file(path: str | Path) -> None:
-    """Report that the backbone being built read its weights from ``path`` (a no-op outside a build)."""
-    files = _READ.get()
-    if files is not None:
+def note_weights_file(path: str | Path, dtypes: Iterable[Any] = ()) -> None:
+    """Report that the backbone being built read weights from ``path``, stored in the floating-point
+    ``dtypes`` (a no-op outside a build)."""
+    read = _READ.get()
+    if read is not None:
         resolved = Path(path).resolve()
-        if resolved not in files:
-            files.append(resolved)
+        if resolved not in read.files:
+            read.files.append(resolved)
+        read.dtypes.update(dtypes)
+
+
+def safetensors_dtypes(path: str | Path) -> set[Any]:
+    """The floating-point dtypes a safetensors file stores, from its header alone (nothing is loaded)."""
+    import torch
+    from safetensors import safe_open
+
+    names = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+    with safe_open(str(path), framework="pt") as handle:
+        return {names[d] for d in (handle.get_slice(k).get_dtype() for k in handle.keys()) if d in names}
 
 
 def cache_dir() -> Path:

@@ -14,7 +14,7 @@ from adaptkit.compat import check_spec
 from adaptkit.data import DataBundle, DataInfo
 from adaptkit.errors import AdaptkitError, CompatibilityError, DataError, PluginError
 from adaptkit.method import AppliedMethod
-from adaptkit.precision import spec_dtype, store_frozen
+from adaptkit.precision import resolve_dtype, store_frozen
 from adaptkit.records import PresetRecord
 from adaptkit.registry import Registry
 from adaptkit.spec import RunSpec, load_spec
@@ -54,6 +54,8 @@ class BuildInfo:
     methods: list[AppliedMethod]
     data_info: DataInfo
     data: DataBundle | None = None
+    #: the dtype the frozen base weights are stored in (``backbone.dtype``)
+    base_dtype: torch.dtype = torch.float32
 
 
 def seed_everything(seed: int) -> None:
@@ -85,12 +87,12 @@ def build(spec: RunSpec | dict[str, Any] | str, registry: Registry | None = None
     seed_everything(spec.seed)
     ctx = BuildContext(spec=spec, registry=reg)
     backbone_record = reg.get("backbone", spec.backbone.name)
-    with recording_weights_files() as weights_files:
+    with recording_weights_files() as weights_read:
         backbone = call_factory(reg, backbone_record, spec.backbone, ctx)
     backbone.registered_name = backbone_record.name
     ctx.backbone = backbone
     # hashed once per weights file, then cached (the params and seed decide what the files do not hold)
-    base_fp = base_fingerprint(backbone, weights_files, key=json.dumps([spec.backbone.model_dump(mode="json"), spec.seed], sort_keys=True))
+    base_fp = base_fingerprint(backbone, weights_read.files, key=json.dumps([spec.backbone.model_dump(mode="json"), spec.seed], sort_keys=True))
 
     data = call_factory(reg, reg.get("data", spec.data.name), spec.data, ctx)
     model: TaskModel = call_factory(reg, reg.get("task", spec.task.name), spec.task, backbone, data.info, ctx)
@@ -101,8 +103,9 @@ def build(spec: RunSpec | dict[str, Any] | str, registry: Registry | None = None
     for params in spec.methods:
         applied.append(call_factory(reg, reg.get("method", params.name), params, surface, ctx))
     # the base in the spec's dtype now that the methods have made trainable (fp32) what they train
-    store_frozen(model.backbone, spec_dtype(spec))
-    model.adaptkit = BuildInfo(spec, base_fp, applied, data.info, data if keep_data else None)
+    dtype = resolve_dtype(spec, weights_read.stored_dtype())
+    store_frozen(model.backbone, dtype)
+    model.adaptkit = BuildInfo(spec, base_fp, applied, data.info, data if keep_data else None, dtype)
     return model
 
 

@@ -171,9 +171,14 @@ def _load_weights(path: Path) -> dict[str, torch.Tensor]:
             raise CheckpointError(f"{path}: directory holds no model.safetensors, *.safetensors or pytorch_model.bin")
         path = found
     _require_file(path)
+    state = _read_weights_file(path)
     from adaptkit.base_fingerprint import note_weights_file
 
-    note_weights_file(path)
+    note_weights_file(path, {t.dtype for t in state.values() if t.is_floating_point()})
+    return state
+
+
+def _read_weights_file(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors" or _looks_like_safetensors(path):
         return load_tensors(path)[0]
     try:

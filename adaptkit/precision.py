@@ -1,5 +1,7 @@
 """``backbone.dtype``: frozen base weights stored in bf16 or fp16, trained tensors in fp32.
 
+``auto`` keeps the dtype the checkpoint stores on disk (an fp16 ``*.safetensors`` stays fp16).
+
 The build stores every frozen floating-point parameter of the backbone in the spec's dtype
 once the methods are applied, so what they add or unfreeze (LoRA factors, prompts, a head,
 full fine-tuning's weights) stays fp32. A model with a lower-precision base computes under
@@ -22,10 +24,19 @@ from adaptkit.params import BackboneParams
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def spec_dtype(spec: Any) -> torch.dtype:
-    """The base dtype a spec asks for (fp32 for a backbone whose params have no ``dtype``)."""
+def spec_dtype(spec: Any) -> str:
+    """The base dtype a spec asks for by name (fp32 for a backbone whose params have no ``dtype``)."""
     params = spec.backbone
-    return TORCH_DTYPES[params.dtype] if isinstance(params, BackboneParams) else torch.float32
+    return params.dtype if isinstance(params, BackboneParams) else "fp32"
+
+
+def resolve_dtype(spec: Any, stored: torch.dtype | None) -> torch.dtype:
+    """The dtype to store the frozen base in: the spec's, or with ``auto`` the one the weights
+    files store (``stored``; fp32 when they were not read or mix dtypes)."""
+    name = spec_dtype(spec)
+    if name == "auto":
+        return stored if stored in TORCH_DTYPES.values() else torch.float32
+    return TORCH_DTYPES[name]
 
 
 def store_frozen(module: nn.Module, dtype: torch.dtype) -> int:
@@ -43,7 +54,7 @@ def store_frozen(module: nn.Module, dtype: torch.dtype) -> int:
 def base_dtype(model: nn.Module) -> torch.dtype:
     """The dtype the built model's frozen base is stored in (fp32 when not built by adaptkit)."""
     info = getattr(model, "adaptkit", None)
-    return spec_dtype(info.spec) if info is not None else torch.float32
+    return info.base_dtype if info is not None else torch.float32
 
 
 def compute_context(model: nn.Module, device_type: str, precision: str = "fp32") -> Any:
@@ -61,6 +72,6 @@ def compute_context(model: nn.Module, device_type: str, precision: str = "fp32")
 
 def at_full_precision(spec: Any) -> Any:
     """``spec`` with its base at fp32 (for merging and export); the spec itself when it already is."""
-    if spec_dtype(spec) == torch.float32:
+    if spec_dtype(spec) == "fp32":
         return spec
     return spec.model_copy(update={"backbone": spec.backbone.model_copy(update={"dtype": "fp32"})})

@@ -116,3 +116,80 @@ def test_open_clip_hub_directory_refuses_another_named_model(tmp_path):
     directory, _, _ = clip_hub_dir(tmp_path)
     with pytest.raises(AdaptkitError, match="leave backbone.model out"):
         adaptkit.build(spec_for({"name": "clip", "model": "ViT-B-32", "pretrained": str(directory)}, "zero_shot", classes=[0, 1]))
+
+
+# ----------------------------------------------------------------- diffusers
+def unet2d(**extra):
+    import diffusers
+
+    return diffusers.UNet2DModel(
+        sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=8, attention_head_dim=8, **extra,
+    )
+
+
+def unet2d_condition():
+    import diffusers
+
+    return diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=64, attention_head_dim=8, norm_num_groups=8,
+    )
+
+
+def diffusion_spec(directory, **backbone) -> dict:
+    return {"backbone": {"name": "ddpm_unet", "pretrained": str(directory), **backbone}, "methods": [{"name": "lora", "rank": 2}],
+            "task": {"name": "text_to_image", "preview": 0}, "data": {"name": "digits"}}
+
+
+def same_noise(model, unet, cond: dict, native: dict) -> None:
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([3, 500])
+    torch.testing.assert_close(model.backbone.predict_noise(x, t, cond), unet(x, t, **native).sample)
+
+
+def test_diffusers_unet2d_directory_loads_by_directory_alone(tmp_path):
+    unet = unet2d(num_class_embeds=11).eval()
+    unet.save_pretrained(tmp_path / "unet2d")
+    model = adaptkit.build(diffusion_spec(tmp_path / "unet2d", conditioning="class", num_classes=10)).eval()
+    labels = torch.tensor([1, 10])
+    same_noise(model, unet, {"labels": labels}, {"class_labels": labels})
+
+
+def test_diffusers_unet2d_condition_directory_loads_by_directory_alone(tmp_path):
+    unet = unet2d_condition().eval()
+    unet.save_pretrained(tmp_path / "cond")
+    spec = diffusion_spec(tmp_path / "cond", conditioning="text", text_encoder={"model": "clip_tiny_digits"})
+    spec["data"] = {"name": "digits_captions"}
+    model = adaptkit.build(spec).eval()
+    context = torch.randn(2, 5, 64)
+    same_noise(model, unet, {"context": context}, {"encoder_hidden_states": context})
+    with pytest.raises(AdaptkitError, match="cond' is a cross-attention UNet; condition it on class or text"):
+        adaptkit.build(diffusion_spec(tmp_path / "cond"))
+
+
+def test_diffusers_pipeline_folder_loads_with_its_noise_schedule(tmp_path):
+    import diffusers
+
+    unet = unet2d().eval()
+    scheduler = diffusers.DDPMScheduler(num_train_timesteps=500, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    diffusers.DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(tmp_path / "pipeline")
+    assert (tmp_path / "pipeline" / "model_index.json").is_file()
+    model = adaptkit.build(diffusion_spec(tmp_path / "pipeline")).eval()
+    same_noise(model, unet, {}, {})
+    # the pipeline's scheduler travels with its UNet; a spec's own noise_schedule wins
+    assert model.backbone.schedule == {"num_train_timesteps": 500, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+                                       "beta_end": 0.012, "prediction_type": "epsilon"}
+    own = adaptkit.build(diffusion_spec(tmp_path / "pipeline", noise_schedule={"num_train_timesteps": 1000}))
+    assert own.backbone.schedule["num_train_timesteps"] == 1000 and own.backbone.schedule["beta_schedule"] == "linear"
+
+
+def test_auto_dtype_keeps_what_the_directory_stores(tmp_path):
+    unet2d().half().save_pretrained(tmp_path / "half")
+    model = adaptkit.build(diffusion_spec(tmp_path / "half", dtype="auto"))
+    assert {p.dtype for p in model.backbone.unet.parameters() if not p.requires_grad} == {torch.float16}
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    full = adaptkit.build(diffusion_spec(tmp_path / "half"))  # fp32 unless asked
+    assert {p.dtype for p in full.backbone.unet.parameters()} == {torch.float32}
+    assert full.adaptkit.base_fingerprint == model.adaptkit.base_fingerprint

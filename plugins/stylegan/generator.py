@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from adaptkit.backbone import Backbone
+from adaptkit.base_fingerprint import note_weights_file
 from adaptkit.checkpoint import load_tensors
 from adaptkit.errors import CheckpointError, PluginError, did_you_mean
 from adaptkit.sites import index_layers
@@ -251,6 +252,7 @@ def read_generator_file(path: str | Path, key: str = "g_ema") -> dict[str, torch
     bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise CheckpointError(f"backbone.pretrained: {path}: {bad[0]} is not a tensor")
+    note_weights_file(path, {t.dtype for t in state.values() if t.is_floating_point()})
     return state
 
 
