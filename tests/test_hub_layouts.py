@@ -193,3 +193,27 @@ def test_auto_dtype_keeps_what_the_directory_stores(tmp_path):
     full = adaptkit.build(diffusion_spec(tmp_path / "half"))  # fp32 unless asked
     assert {p.dtype for p in full.backbone.unet.parameters()} == {torch.float32}
     assert full.adaptkit.base_fingerprint == model.adaptkit.base_fingerprint
+
+
+# ----------------------------------------------------------------- rosinality StyleGAN2
+@pytest.mark.parametrize("size", [256, 1024])
+def test_rosinality_checkpoint_loads_by_file_alone(tmp_path, size):
+    """rosinality's .pt (``g_ema`` + ``latent_avg``) at full resolution, with narrow channels to stay small:
+    the file's shapes give size, style_dim, mapping depth and channels."""
+    from adaptkit_plugins.stylegan.generator import save_generator
+    from adaptkit_plugins.stylegan.networks import Generator
+
+    channels = {2**i: max(4, 64 >> i) for i in range(2, size.bit_length())}
+    torch.manual_seed(0)
+    generator = Generator(size=size, style_dim=16, n_mlp=3, channels=channels, img_channels=3, lr_mlp=0.01).eval()
+    path = save_generator(generator, tmp_path / f"stylegan2-{size}.pt", latent_avg=torch.zeros(16))
+    assert set(torch.load(path, weights_only=True)) == {"g_ema", "latent_avg"}
+    spec = {"backbone": {"name": "stylegan2", "pretrained": str(path)}, "methods": [{"name": "lora", "rank": 2}],
+            "task": {"name": "stylegan2"}, "data": {"name": "digits"}}
+    model = adaptkit.build(spec).eval()
+    ours = model.backbone.generator
+    assert (ours.size, ours.style_dim, ours.n_latent) == (size, 16, generator.n_latent)
+    assert model.backbone.image_size == (size, size)
+    z = torch.randn(1, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.synthesis(ours.mapping(z), noise="const"), generator.synthesis(generator.mapping(z), noise="const"))
