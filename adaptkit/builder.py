@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
@@ -10,11 +11,12 @@ from typing import Any
 import torch
 
 from adaptkit.backbone import Backbone
-from adaptkit.checkpoint import fingerprint
+from adaptkit.base_fingerprint import base_fingerprint, recording_weights_files
 from adaptkit.compat import check_spec
 from adaptkit.data import DataBundle, DataInfo
 from adaptkit.errors import AdaptkitError, CompatibilityError, DataError, PluginError
 from adaptkit.method import AppliedMethod
+from adaptkit.precision import resolve_dtype, store_frozen
 from adaptkit.records import PresetRecord
 from adaptkit.registry import Registry
 from adaptkit.spec import RunSpec, load_spec
@@ -54,6 +56,8 @@ class BuildInfo:
     methods: list[AppliedMethod]
     data_info: DataInfo
     data: DataBundle | None = None
+    #: the dtype the frozen base weights are stored in (``backbone.dtype``)
+    base_dtype: torch.dtype = torch.float32
 
 
 def seed_everything(seed: int) -> None:
@@ -85,10 +89,12 @@ def build(spec: RunSpec | dict[str, Any] | str, registry: Registry | None = None
     seed_everything(spec.seed)
     ctx = BuildContext(spec=spec, registry=reg)
     backbone_record = reg.get("backbone", spec.backbone.name)
-    backbone = call_factory(reg, backbone_record, spec.backbone, ctx)
+    with recording_weights_files() as weights_read:
+        backbone = call_factory(reg, backbone_record, spec.backbone, ctx)
     backbone.registered_name = backbone_record.name
     ctx.backbone = backbone
-    base_fp = fingerprint(backbone.base_state_dict())
+    # hashed once per weights file, then cached (the params and seed decide what the files do not hold)
+    base_fp = base_fingerprint(backbone, weights_read.files, key=json.dumps([spec.backbone.model_dump(mode="json"), spec.seed], sort_keys=True))
 
     data = call_factory(reg, reg.get("data", spec.data.name), spec.data, ctx)
     model: TaskModel = call_factory(reg, reg.get("task", spec.task.name), spec.task, backbone, data.info, ctx)
@@ -99,7 +105,10 @@ def build(spec: RunSpec | dict[str, Any] | str, registry: Registry | None = None
     surface = model.surface
     for params in spec.methods:
         applied.append(call_factory(reg, reg.get("method", params.name), params, surface, ctx))
-    model.adaptkit = BuildInfo(spec, base_fp, applied, data.info, data if keep_data else None)
+    # the base in the spec's dtype now that the methods have made trainable (fp32) what they train
+    dtype = resolve_dtype(spec, weights_read.stored_dtype())
+    store_frozen(model.backbone, dtype)
+    model.adaptkit = BuildInfo(spec, base_fp, applied, data.info, data if keep_data else None, dtype)
     return model
 
 

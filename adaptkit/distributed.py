@@ -86,6 +86,7 @@ def shard_model(model: torch.nn.Module, device: torch.device, info: DistInfo) ->
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    from adaptkit.blocks import surface_blocks
     from adaptkit.errors import RunError
 
     if not fsdp_available():  # pragma: no cover - depends on the torch build
@@ -93,19 +94,7 @@ def shard_model(model: torch.nn.Module, device: torch.device, info: DistInfo) ->
     if device.type == "cuda":
         torch.cuda.set_device(device)
     mesh = init_device_mesh(device.type, (info.world,))
-    blocks: list[torch.nn.Module] = []
-    surface = getattr(model, "surface", None)
-    for tower in (surface.towers.values() if surface is not None else ()):
-        for site in tower.blocks:
-            try:
-                module = model.get_submodule(site.name)
-            except AttributeError:
-                continue
-            if all(module is not seen for seen in blocks):
-                blocks.append(module)
-    # a block inside another listed block would split the outer unit: keep the outermost
-    inner = {id(m) for outer in blocks for m in outer.modules() if m is not outer}
-    blocks = [m for m in blocks if id(m) not in inner]
+    blocks = surface_blocks(model)
     for block in blocks:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)

@@ -92,9 +92,10 @@ def load_trained(source: str | Path, registry: Any = None) -> nn.Module:
     """Build the model a run (directory or adapter file) trained, and load its adapter."""
     from adaptkit.builder import build
     from adaptkit.checkpoint import load_adapter
+    from adaptkit.precision import at_full_precision
 
     spec, adapter = spec_of_run(source)
-    model = build(spec, registry=registry)
+    model = build(at_full_precision(spec), registry=registry)  # merged weights are not rounded to a bf16 base
     load_adapter(model, adapter)
     model.eval()
     return model

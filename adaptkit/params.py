@@ -45,3 +45,20 @@ class LoaderParams(ComponentParams):
         "skip", description="an unreadable or truncated sample: skip it (another takes its place; counted and reported) or fail the run"
     )
     timeout: float = Field(0, ge=0, le=86_400, description="seconds to wait for one batch from a worker before failing (0: no limit)")
+
+
+
+class BackboneParams(ComponentParams):
+    """Parameters every backbone shares: a backbone plugin's params subclass it.
+
+    ``dtype`` stores the frozen base weights in bf16 or fp16 (half the memory of fp32), or
+    with ``auto`` in the dtype the checkpoint stores on disk; the tensors methods train stay
+    fp32, and the model computes under autocast to that dtype. Example (YAML)::
+
+        backbone: {name: vit, model: vit_base_patch16_224, pretrained: ckpt/, dtype: bf16}
+    """
+
+    dtype: Literal["fp32", "bf16", "fp16", "auto"] = Field(
+        "fp32", description="storage dtype of the frozen base weights (bf16/fp16: half the memory; trained tensors stay fp32); "
+        "auto: the dtype the checkpoint stores on disk"
+    )

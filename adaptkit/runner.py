@@ -120,13 +120,16 @@ def _run_in(rundir: RunDirectory, spec: RunSpec, reg: Any, device: Any, dist: An
         say("nothing to train (no method adds or unfreezes parameters): evaluating only")
         model.to(device)
 
+    from adaptkit.precision import compute_context
+
     eval_bs = spec.train.eval_batch_size or spec.train.batch_size
     final: dict[str, Any] = {}
     for split in ("val", "test"):
         dataset = getattr(data, split)
         if dataset is not None and len(dataset):
             kept = trainer.eval_loader(split) if trainer is not None else None
-            final[split] = evaluate(model, dataset, eval_bs, device, options=loader, loader=kept)
+            final[split] = evaluate(model, dataset, eval_bs, device, lambda: compute_context(model, device.type, spec.train.precision),
+                                    options=loader, loader=kept)
             skipped[split] = int(final[split].pop("skipped", 0)) if isinstance(final[split], dict) else 0
     files: list[str] = []
     if dist.main:

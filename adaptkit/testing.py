@@ -43,7 +43,9 @@ def contract_tests(
     (``AppliedMethod.expected_parameters``); save, fresh build and load reproduce
     outputs exactly; merged equals unmerged (and unmerge restores the weights) for
     mergeable methods, and merging a non-mergeable one is a clear error; identity at
-    initialisation where the method promises it (``AppliedMethod.identity_at_init``).
+    initialisation where the method promises it (``AppliedMethod.identity_at_init``);
+    gradient checkpointing of the surface blocks keeps the loss and every gradient and
+    keeps fewer activations.
     """
     import adaptkit
 
@@ -93,11 +95,16 @@ def contract_tests(
     def test_identity_at_initialisation_where_promised(backbone: Any, method: Any) -> None:
         suite.identity(backbone, method)
 
+    @over_pairs
+    def test_gradient_checkpointing_keeps_loss_and_gradients(backbone: Any, method: Any) -> None:
+        suite.checkpointing(backbone, method)
+
     tests = [
         test_every_backbone_has_a_working_example, test_static_towers_equal_the_built_surface,
         test_one_step_changes_only_what_the_method_owns,
         test_trainable_count_matches_the_method_formula, test_save_build_fresh_load_reproduces_outputs,
         test_merged_equals_unmerged, test_identity_at_initialisation_where_promised,
+        test_gradient_checkpointing_keeps_loss_and_gradients,
     ]
     return {test.__name__: test for test in tests}
 
@@ -282,3 +289,38 @@ class _Suite:
         assert torch.isfinite(loss)
         if applied.identity_at_init:
             torch.testing.assert_close(loss, base_loss, rtol=1e-5, atol=1e-6)
+
+    def checkpointing(self, backbone: Any, method: Any) -> None:
+        from adaptkit.blocks import checkpoint_blocks
+
+        model = self.build_or_skip(backbone, method)
+        batch = self.batch_of(model)
+        plain = _loss_grads_saved(model, batch)
+        assert checkpoint_blocks(model) > 0, f"backbone '{backbone.name}' lists no blocks to checkpoint"
+        checkpointed = _loss_grads_saved(model, batch)
+        torch.testing.assert_close(checkpointed[0], plain[0], rtol=1e-6, atol=1e-7)
+        assert checkpointed[1].keys() == plain[1].keys()
+        for name, grad in plain[1].items():
+            torch.testing.assert_close(checkpointed[1][name], grad, rtol=1e-5, atol=1e-7, msg=name)
+        if plain[1]:
+            assert checkpointed[2] < plain[2], f"checkpointing kept {checkpointed[2]} activation values, the plain model {plain[2]}"
+
+
+def _loss_grads_saved(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+    """One seeded training forward and backward: the loss, every gradient, and how many values autograd
+    kept for backward (outside checkpointed blocks; inside them ``torch.utils.checkpoint`` keeps its own)."""
+    saved = [0]
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        saved[0] += tensor.numel()
+        return tensor
+
+    model.train()
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(4321)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = model(batch).loss
+    if loss.requires_grad:
+        loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+    return loss.detach(), grads, saved[0]

@@ -20,11 +20,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from adaptkit.blocks import checkpoint_blocks, compile_blocks
 from adaptkit.capabilities import KeepsTrainingState
 from adaptkit.checkpoint import first_non_finite, load_tensors, save_tensors
 from adaptkit.data import BatchDataset, DataBundle, LoaderOptions, PlannedLoader, SequentialPlan, to_device
 from adaptkit.distributed import DistInfo, full_tensor, like, shard_model, unshard_for_good, unsharded_root
 from adaptkit.errors import CheckpointError, RunError
+from adaptkit.precision import compute_context
 from adaptkit.records import RunInfo
 from adaptkit.spec import TrainSpec
 from adaptkit.task import TaskModel
@@ -202,9 +204,7 @@ class Trainer:
         return torch.optim.AdamW(groups, lr=self.lr, betas=self.cfg.betas)
 
     def _autocast(self) -> Any:
-        if self.cfg.precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return torch.autocast(self.device.type, enabled=False)
+        return compute_context(self.model, self.device.type, self.cfg.precision)
 
     # ----------------------------------------------------------------- loop
     def fit(self) -> TrainResult:
@@ -246,6 +246,10 @@ class Trainer:
         """The model on its device in train mode, sharded under fsdp."""
         model = self.model.to(self.device)
         model.train()
+        if self.cfg.gradient_checkpointing:
+            checkpoint_blocks(model)
+        if self.cfg.compile:
+            compile_blocks(model)
         self.fsdp = self.cfg.strategy == "fsdp" and self.dist.enabled
         if self.cfg.strategy == "fsdp" and not self.dist.enabled:
             self.log("train.strategy is fsdp but this is one process (not launched with torchrun): nothing to shard, training as a plain loop")

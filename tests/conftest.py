@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import copy
 import os
+import tempfile
 
 import pytest
 
 os.environ.setdefault("ADAPTKIT_TEST", "1")
 # no network here: make hub look-ups fail at once instead of retrying
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# the base-fingerprint cache of the tests' builds, never the user's
+os.environ.setdefault("ADAPTKIT_CACHE_DIR", tempfile.mkdtemp(prefix="adaptkit-test-cache-"))
 
 
 def tiny_vit_spec(tmp_path, **overrides) -> dict:

@@ -67,3 +67,15 @@ def test_the_last_good_checkpoint_is_kept(tmp_path, capsys, monkeypatch):
     tensors, metadata = load_tensors(tmp_path / "run" / "checkpoint" / "state.safetensors")
     assert metadata["step"] == "4" and all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point())
     assert not (tmp_path / "run" / "adapter.safetensors").exists()
+
+
+def test_the_fast_finite_check_is_exact():
+    """One sum decides; a sum that overflows (huge finite values) falls back to the elementwise check."""
+    from adaptkit.checkpoint import all_finite
+
+    assert all_finite(torch.full((10,), 3e38)) and all_finite(torch.full((100_000,), 60_000.0, dtype=torch.float16))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            tensor = torch.zeros(5, dtype=dtype)
+            tensor[2] = bad
+            assert not all_finite(tensor), (bad, dtype)

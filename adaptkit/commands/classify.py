@@ -75,6 +75,7 @@ def main(args: argparse.Namespace) -> int:
     from adaptkit.builder import build
     from adaptkit.capabilities import HasClassNames
     from adaptkit.checkpoint import load_adapter
+    from adaptkit.precision import compute_context
     from adaptkit.rundir import locate_run
     from adaptkit.spec import load_spec
 
@@ -102,7 +103,8 @@ def main(args: argparse.Namespace) -> int:
     model.to(device).eval()
     size = backbone.image_size if isinstance(backbone.image_size, tuple) else (backbone.image_size, backbone.image_size)
     batch = torch.stack([load_image(p, backbone.in_chans, size) for p in args.images]).to(device)
-    probabilities = rank(model, batch, labels).cpu()
+    with compute_context(model, device.type):
+        probabilities = rank(model, batch, labels).float().cpu()
     report = []
     for path, row in zip(args.images, probabilities):
         order = row.argsort(descending=True).tolist()

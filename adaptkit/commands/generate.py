@@ -80,7 +80,10 @@ def main(args: argparse.Namespace) -> int:
     side = max(size) if isinstance(size, (tuple, list)) else size
     if args.scale is not None and side and side * args.scale > MAX_IMAGE_SIDE:
         raise RunError(f"--scale {args.scale}: images of {side * args.scale} pixels; at most {MAX_IMAGE_SIDE} per side")
-    images, rows = model.generate(num=args.num, seed=args.seed, batch_size=args.batch_size, **conditions)
+    from adaptkit.precision import compute_context
+
+    with compute_context(model, next(model.parameters()).device.type):
+        images, rows = model.generate(num=args.num, seed=args.seed, batch_size=args.batch_size, **conditions)
     columns = len(images) // len(rows)
     atomic_png(save_grid, out, images, columns=columns, scale=args.scale)
     singles = save_images(images, out.with_suffix(""), scale=args.scale)

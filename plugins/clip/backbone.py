@@ -7,7 +7,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from adaptkit.hookspecs import hookimpl
-from adaptkit.params import ComponentParams
+from adaptkit.params import BackboneParams
 from adaptkit.records import BackboneRecord, TowerInfo
 
 ATTENTION_ROLES = frozenset({"attn.q", "attn.k", "attn.v", "attn.out", "mlp.in", "mlp.out"})
@@ -17,7 +17,7 @@ CLIP_TOWERS = {
 }
 
 
-class ClipParams(ComponentParams):
+class ClipParams(BackboneParams):
     """An open_clip model (ViT image tower + transformer text tower): a preset or an open_clip name."""
 
     name: Literal["clip"] = "clip"

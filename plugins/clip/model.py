@@ -14,6 +14,7 @@ the model's own mean/std before the image tower.
 from __future__ import annotations
 
 import atexit
+import hashlib
 import json
 import logging
 import shutil
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adaptkit.backbone import Backbone
-from adaptkit.checkpoint import check_pretrained_state, is_local_path, load_weights
+from adaptkit.checkpoint import check_pretrained_state, hub_directory, is_local_path, load_weights
 from adaptkit.errors import CheckpointError, DataError, PluginError, did_you_mean
 from adaptkit.sites import SequenceTokenSite, index_layers
 from adaptkit.surface import AttentionSite, BlockSite, LayerSite, Surface, TextSite, Tower
@@ -45,6 +46,34 @@ TOKEN_CACHE_SIZE = 65536
 
 _config_dir: Path | None = None
 _registered: dict[str, str] = {}
+
+
+#: the config open_clip writes beside its weights (``save_for_hf``, ``huggingface-cli download``)
+HUB_CONFIG = "open_clip_config.json"
+
+
+def hub_config(directory: Path, params: Any) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """(a model name for it, its model_cfg, its preprocess_cfg) of an open_clip hub-layout directory.
+    A ``model`` the spec names whose open_clip config differs from the directory's is an error."""
+    import open_clip
+
+    path = directory / HUB_CONFIG
+    try:
+        config = json.loads(path.read_text())
+        model_cfg = config.get("model_cfg", config)
+        preprocess = dict(config.get("preprocess_cfg") or {})
+        ok = all(k in model_cfg for k in ("embed_dim", "vision_cfg", "text_cfg"))
+    except (OSError, ValueError, AttributeError, TypeError):
+        ok = False
+    if not ok:
+        raise CheckpointError(f"backbone.pretrained: {path} is not an open_clip config (it needs model_cfg with embed_dim, vision_cfg and text_cfg)")
+    if "model" in params.model_fields_set and open_clip.get_model_config(params.model) not in (None, model_cfg):
+        raise PluginError(
+            f"backbone.model: '{params.model}' is another architecture than {path} describes; "
+            "leave backbone.model out: the directory says what it holds"
+        )
+    digest = hashlib.sha256(json.dumps(model_cfg, sort_keys=True).encode()).hexdigest()[:12]
+    return f"hub_{digest}", model_cfg, preprocess
 
 
 def register_model_config(name: str, model_cfg: dict[str, Any]) -> None:
@@ -151,13 +180,19 @@ class ClipBackbone(ClipNative, Backbone):
     def create(cls, params: Any, ctx: Any) -> "ClipBackbone":
         import open_clip
 
-        preset = ctx.preset(params.model, "clip")
+        hub_dir = hub_directory(params.pretrained, HUB_CONFIG)
+        preset = ctx.preset(params.model, "clip") if hub_dir is None else None
         force_preprocess: dict[str, Any] = {}
-        if preset is not None:
-            model_cfg = preset.config.get("model_cfg")
-            if not isinstance(model_cfg, dict) or not all(k in model_cfg for k in ("embed_dim", "vision_cfg", "text_cfg")):
+        preset_cfg: dict[str, Any] | None = None
+        name = params.model
+        if hub_dir is not None:  # the directory's open_clip_config.json says what it holds
+            name, preset_cfg, force_preprocess = hub_config(hub_dir, params)
+            register_model_config(name, preset_cfg)
+        elif preset is not None:
+            preset_cfg = preset.config.get("model_cfg")
+            if not isinstance(preset_cfg, dict) or not all(k in preset_cfg for k in ("embed_dim", "vision_cfg", "text_cfg")):
                 raise PluginError(f"preset '{params.model}': config.model_cfg must be an open_clip config with embed_dim, vision_cfg and text_cfg")
-            register_model_config(params.model, model_cfg)
+            register_model_config(params.model, preset_cfg)
             force_preprocess = dict(preset.config.get("preprocess") or {})
         elif params.model not in open_clip.list_models() and not params.model.startswith(("hf-hub:", "local-dir:")):
             known = [p.name for p in ctx.registry.presets("clip")] + open_clip.list_models()
@@ -165,7 +200,6 @@ class ClipBackbone(ClipNative, Backbone):
                 f"backbone.model: '{params.model}' is neither a clip preset nor an open_clip model{did_you_mean(params.model, known)}; "
                 f"presets: {', '.join(p.name for p in ctx.registry.presets('clip'))}; open_clip models: see open_clip.list_models()"
             )
-        name = params.model
         tag = params.pretrained if isinstance(params.pretrained, str) and not is_local_path(params.pretrained) else None
         local = params.pretrained if isinstance(params.pretrained, str) and tag is None else None
         if tag is not None:
@@ -204,7 +238,6 @@ class ClipBackbone(ClipNative, Backbone):
         mean = tuple(cfg.get("mean") or open_clip.OPENAI_DATASET_MEAN)
         std = tuple(cfg.get("std") or open_clip.OPENAI_DATASET_STD)
         backbone = cls(net, tokenizer, mean, std)
-        preset_cfg = preset.config.get("model_cfg") if preset is not None else None
         backbone.native_args = {  # how plain open_clip creates this architecture (native export)
             "model_name": name, "kwargs": kwargs, "preset_cfg": preset_cfg,
             "model_cfg": preset_cfg if preset_cfg is not None else open_clip.get_model_config(name),

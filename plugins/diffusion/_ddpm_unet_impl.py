@@ -47,32 +47,35 @@ class DdpmUnetBackbone(DiffusersNative, DiffusionBackbone):
 
     @classmethod
     def create(cls, params: Any, ctx: Any) -> "DdpmUnetBackbone":
-        arch, kwargs = weights.resolve_architecture(params, ctx, ARCHITECTURES)
-        _check_architecture(arch, params)
-        if params.sample_size is not None:
-            kwargs["sample_size"] = params.sample_size
-        if params.in_channels is not None:
-            kwargs["in_channels"] = kwargs["out_channels"] = params.in_channels
-        text = TextConditioner.create(params.text_encoder, ctx) if params.conditioning == "text" else None
-        if text is not None:
-            kwargs["cross_attention_dim"] = text.width
-        num_classes = params.num_classes or 0
-        if params.conditioning == "class" and arch == "UNet2DModel":
-            kwargs["num_class_embeds"] = num_classes + 1
-
         pretrained = params.pretrained
         local = bool(pretrained) and not weights.is_hub_repo(pretrained)
         folder = weights.is_diffusers_directory(Path(pretrained), "unet") if local else None
+        text = TextConditioner.create(params.text_encoder, ctx) if params.conditioning == "text" else None
+        num_classes = params.num_classes or 0
+        if folder is None:  # else the directory's config.json says what it holds
+            arch, kwargs = weights.resolve_architecture(params, ctx, ARCHITECTURES)
+            _check_architecture(arch, params, params.model)
+            if params.sample_size is not None:
+                kwargs["sample_size"] = params.sample_size
+            if params.in_channels is not None:
+                kwargs["in_channels"] = kwargs["out_channels"] = params.in_channels
+            if text is not None:
+                kwargs["cross_attention_dim"] = text.width
+            if params.conditioning == "class" and arch == "UNet2DModel":
+                kwargs["num_class_embeds"] = num_classes + 1
+        schedule = params.noise_schedule
         if folder is not None:
             unet = weights.from_directory(folder, ARCHITECTURES, WHERE)
+            if "noise_schedule" not in params.model_fields_set:  # a pipeline folder's scheduler travels with it
+                schedule = weights.pipeline_schedule(folder, schedule, WHERE)
         elif pretrained and not local:
             unet = weights.from_hub(pretrained, arch, "unet", WHERE)
         else:
             unet = weights.construct(arch, kwargs, "backbone")
         if folder is not None or (pretrained and not local):  # a saved model: check it fits the conditioning
-            _check_architecture(type(unet).__name__, params)
+            _check_architecture(type(unet).__name__, params, str(folder or pretrained))
             _check_loaded(unet, params, num_classes, text)
-        backbone = cls(unet, params.conditioning, num_classes, params.noise_schedule.scheduler_config(), text)
+        backbone = cls(unet, params.conditioning, num_classes, schedule.scheduler_config(), text)
         if local and folder is None:
             weights.load_into(backbone, pretrained, "unet.", ("unet.", "class_context."), WHERE)
         return backbone
@@ -136,14 +139,15 @@ class DdpmUnetBackbone(DiffusersNative, DiffusionBackbone):
         return Surface("ddpm_unet", towers)
 
 
-def _check_architecture(arch: str, params: Any) -> None:
+def _check_architecture(arch: str, params: Any, source: str) -> None:
+    """``source`` (the preset, directory or hub id the UNet comes from) names it in the messages."""
     if params.conditioning == "text" and arch != "UNet2DConditionModel":
         raise PluginError(
             f"backbone.model: conditioning: text needs a cross-attention UNet (UNet2DConditionModel, e.g. preset "
-            f"ddpm_unet_cross_8); '{params.model}' is a {arch}"
+            f"ddpm_unet_cross_8); '{source}' is a {arch}"
         )
     if params.conditioning == "none" and arch == "UNet2DConditionModel":
-        raise PluginError(f"backbone.conditioning: '{params.model}' is a cross-attention UNet; condition it on class or text")
+        raise PluginError(f"backbone.conditioning: '{source}' is a cross-attention UNet; condition it on class or text")
 
 
 def _check_loaded(unet: nn.Module, params: Any, num_classes: int, text: TextConditioner | None) -> None:

@@ -12,7 +12,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from adaptkit.hookspecs import hookimpl
-from adaptkit.params import ComponentParams
+from adaptkit.params import BackboneParams
 from adaptkit.records import BackboneRecord, TowerInfo
 from adaptkit_plugins.diffusion.params import NoiseSchedule, architecture_of, clip_towers, validate_clip_spec
 
@@ -23,7 +23,7 @@ UNET_ROLES = frozenset({"attn.q", "attn.k", "attn.v", "attn.out", "conv", "time"
 TRANSFORMER_ROLES = frozenset({"mlp.in", "mlp.out", "proj"})
 
 
-class DdpmUnetParams(ComponentParams):
+class DdpmUnetParams(BackboneParams):
     """A diffusers UNet denoiser: a preset (``ddpm_unet_8``), or a class name plus ``kwargs``."""
 
     name: Literal["ddpm_unet"] = "ddpm_unet"

@@ -15,7 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from adaptkit.hookspecs import hookimpl
-from adaptkit.params import ComponentParams
+from adaptkit.params import BackboneParams
 from adaptkit.records import BackboneRecord, TowerInfo
 from adaptkit_plugins.diffusion.ddpm_unet import unet_tower_info
 from adaptkit_plugins.diffusion.params import NoiseSchedule, clip_towers, validate_clip_spec
@@ -49,7 +49,7 @@ class DecoderSpec(BaseModel):
     noise_schedule: NoiseSchedule = Field(default_factory=NoiseSchedule)
 
 
-class UnclipParams(ComponentParams):
+class UnclipParams(BackboneParams):
     """unCLIP: CLIP + prior (text -> image embedding) + decoder (image embedding -> image)."""
 
     name: Literal["unclip"] = "unclip"

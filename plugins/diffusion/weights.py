@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from adaptkit.base_fingerprint import note_weights_file, safetensors_dtypes
 from adaptkit.checkpoint import load_weights, refuse_non_finite
 from adaptkit.errors import CheckpointError, PluginError, did_you_mean
 
@@ -78,7 +79,40 @@ def from_directory(folder: Path, family: tuple[str, ...], where: str) -> nn.Modu
     finally:
         diffusers_logging.set_verbosity(level)
     check_finite_weights(model.state_dict(), f"{where}: {folder}")
+    note_directory_weights(folder)
     return model
+
+
+#: the weights files ``from_pretrained`` reads from a model folder (no variant), in its order of preference
+DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+
+
+def note_directory_weights(folder: Path) -> None:
+    """Tell the build which file of ``folder`` it read and the dtype stored there (for the base
+    fingerprint's cache and ``backbone.dtype: auto``); ``from_pretrained`` itself casts to fp32."""
+    found = next((folder / name for name in DIFFUSERS_WEIGHTS if (folder / name).is_file()), None)
+    if found is not None:
+        note_weights_file(found, safetensors_dtypes(found) if found.suffix == ".safetensors" else ())
+
+
+def pipeline_schedule(folder: Path, default: Any, where: str) -> Any:
+    """The noise schedule of the pipeline folder holding ``folder`` (its ``scheduler/scheduler_config.json``,
+    e.g. Stable Diffusion's scaled_linear betas 0.00085-0.012), or ``default`` for a lone model folder."""
+    path = folder.parent / "scheduler" / "scheduler_config.json"
+    if folder.name != "unet" or not path.is_file():
+        return default
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{where}: {path} is not readable JSON ({exc})") from None
+    prediction = config.get("prediction_type", "epsilon")
+    if prediction != "epsilon":
+        raise CheckpointError(f"{where}: {path}: the pipeline predicts {prediction}; adaptkit's denoisers predict epsilon (noise)")
+    fields = {k: config[k] for k in ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end") if k in config}
+    try:
+        return type(default).model_validate({**default.model_dump(), **fields})
+    except ValueError as exc:
+        raise CheckpointError(f"{where}: {path}: a noise schedule adaptkit does not support ({str(exc)[:200]})") from None
 
 
 def check_finite_weights(state: dict[str, torch.Tensor], where: str) -> None:

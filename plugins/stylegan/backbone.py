@@ -7,7 +7,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from adaptkit.hookspecs import hookimpl
-from adaptkit.params import ComponentParams
+from adaptkit.params import BackboneParams
 from adaptkit.records import BackboneRecord, TowerInfo
 
 STYLEGAN2_TOWERS = {
@@ -18,7 +18,7 @@ STYLEGAN2_TOWERS = {
 }
 
 
-class StyleGan2Params(ComponentParams):
+class StyleGan2Params(BackboneParams):
     """A StyleGAN2 generator: a preset, optionally with its fields overridden, and local weights."""
 
     name: Literal["stylegan2"] = "stylegan2"

@@ -151,22 +151,25 @@ def main(args: argparse.Namespace) -> int:
             "then run `adaptkit edit RUN_DIR`"
         )
     g = model.backbone.generator
-    if args.image:
-        for path in args.image:
-            note = check_image_file(path, "--image", g.img_channels, (g.size, g.size))
-            if note:
-                print(f"note: {note}")
-        # bicubic, as the inversion was tuned with: the picture is the target it reconstructs
-        images = torch.stack([image_tensor(p, g.img_channels, g.size, "--image", resample="bicubic") for p in args.image]).to(device)
-        result = model.edit(images=images, alphas=alphas)
-        names = [Path(p).name for p in args.image]
-    elif args.w_file:
-        result = model.edit(w=_read_w(args.w_file), alphas=alphas)
-        names = [f"w[{i}]" for i in range(len(result.before))]
-    else:
-        seeds = args.seed or [0]
-        result = model.edit(seeds=seeds, alphas=alphas)
-        names = [f"seed {s}" for s in seeds]
+    from adaptkit.precision import compute_context
+
+    with compute_context(model, device.type):
+        if args.image:
+            for path in args.image:
+                note = check_image_file(path, "--image", g.img_channels, (g.size, g.size))
+                if note:
+                    print(f"note: {note}")
+            # bicubic, as the inversion was tuned with: the picture is the target it reconstructs
+            images = torch.stack([image_tensor(p, g.img_channels, g.size, "--image", resample="bicubic") for p in args.image]).to(device)
+            result = model.edit(images=images, alphas=alphas)
+            names = [Path(p).name for p in args.image]
+        elif args.w_file:
+            result = model.edit(w=_read_w(args.w_file), alphas=alphas)
+            names = [f"w[{i}]" for i in range(len(result.before))]
+        else:
+            seeds = args.seed or [0]
+            result = model.edit(seeds=seeds, alphas=alphas)
+            names = [f"seed {s}" for s in seeds]
 
     rows = [torch.cat([result.before[i : i + 1], result.after[i : i + 1], result.strip[i]]) for i in range(len(result.before))]
     titles = ["before", "after"] + [f"alpha {a:g}" for a in result.alphas]

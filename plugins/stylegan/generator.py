@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from adaptkit.backbone import Backbone
+from adaptkit.base_fingerprint import note_weights_file
 from adaptkit.checkpoint import load_tensors
 from adaptkit.errors import CheckpointError, PluginError, did_you_mean
 from adaptkit.sites import index_layers
@@ -23,16 +24,21 @@ DEFAULTS = {"style_dim": 512, "n_mlp": 8, "channel_multiplier": 2, "img_channels
 OWN_PREFIXES = ("backbone.generator.", "generator.", "g_ema.", "g.")
 
 
-def resolve_config(params: Any, ctx: Any) -> dict[str, Any]:
-    """The generator's configuration: the preset's, overridden by fields set in the params."""
-    preset = ctx.preset(params.model, "stylegan2") if ctx is not None else None
-    if preset is None:
-        names = [p.name for p in ctx.registry.presets("stylegan2")] if ctx is not None else []
-        raise PluginError(
-            f"backbone.model: '{params.model}' is not a stylegan2 preset{did_you_mean(params.model, names)}; "
-            f"presets: {', '.join(names) or 'none'}"
-        )
-    config = {**DEFAULTS, **dict(preset.config)}
+def resolve_config(params: Any, ctx: Any, state: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+    """The generator's configuration: the preset's, or with ``state`` (a checkpoint's generator
+    tensors, and no ``model`` in the spec) the one the checkpoint's shapes imply; overridden by
+    fields set in the params."""
+    if state is not None:
+        config = {**DEFAULTS, **config_of_state(state)}
+    else:
+        preset = ctx.preset(params.model, "stylegan2") if ctx is not None else None
+        if preset is None:
+            names = [p.name for p in ctx.registry.presets("stylegan2")] if ctx is not None else []
+            raise PluginError(
+                f"backbone.model: '{params.model}' is not a stylegan2 preset{did_you_mean(params.model, names)}; "
+                f"presets: {', '.join(names) or 'none'}"
+            )
+        config = {**DEFAULTS, **dict(preset.config)}
     for key in CONFIG_FIELDS:
         value = getattr(params, key)
         if value is not None:
@@ -88,10 +94,12 @@ class StyleGan2Backbone(Backbone):
 
     @classmethod
     def create(cls, params: Any, ctx: Any) -> "StyleGan2Backbone":
-        config = resolve_config(params, ctx)
+        state = read_generator_file(params.pretrained, params.checkpoint_key) if isinstance(params.pretrained, str) else None
+        # a checkpoint alone (no model named) says what it holds: rosinality's .pt has no config, its shapes do
+        config = resolve_config(params, ctx, state if "model" not in params.model_fields_set else None)
         generator = build_generator(config)
-        if isinstance(params.pretrained, str):
-            load_generator(generator, params.pretrained, params.checkpoint_key, config)
+        if state is not None:
+            load_generator(generator, params.pretrained, params.checkpoint_key, config, state)
         return cls(generator, config)
 
     # -- latent helpers ------------------------------------------------------
@@ -252,7 +260,27 @@ def read_generator_file(path: str | Path, key: str = "g_ema") -> dict[str, torch
     bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise CheckpointError(f"backbone.pretrained: {path}: {bad[0]} is not a tensor")
+    note_weights_file(path, {t.dtype for t in state.values() if t.is_floating_point()})
     return state
+
+
+def config_of_state(state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The generator configuration (size, style_dim, n_mlp, channels, img_channels) that a generator's
+    tensors in rosinality's names imply; a :class:`CheckpointError` when they are not a generator's."""
+    try:
+        rgbs = {int(k.split(".")[1]) for k in state if k.startswith("to_rgbs.")}
+        size = 2 ** (len(rgbs) + 2)
+        mapping = {int(k.split(".")[1]) for k in state if k.startswith("style.") and k.endswith(".weight")}
+        channels = {4: int(state["input.input"].shape[1])}
+        for i in range(len(rgbs)):  # convs 2i (upsampling) and 2i+1 of resolution 2**(i+3): their output channels
+            channels[2 ** (i + 3)] = int(state[f"convs.{2 * i}.conv.weight"].shape[-4])
+        return {"size": size, "style_dim": int(state[f"style.{min(mapping)}.weight"].shape[1]), "n_mlp": len(mapping),
+                "channels": channels, "img_channels": int(state["to_rgb1.bias"].shape[1])}
+    except (KeyError, IndexError, ValueError) as exc:
+        raise CheckpointError(
+            f"backbone.pretrained: the file holds no recognisable StyleGAN2 generator ({type(exc).__name__}: {exc}); "
+            "name its architecture with backbone.model (a stylegan2 preset)"
+        ) from None
 
 
 def describe_file(state: dict[str, torch.Tensor]) -> str:
@@ -270,13 +298,15 @@ def describe_file(state: dict[str, torch.Tensor]) -> str:
     return ", ".join(parts) or "no recognisable StyleGAN2 generator"
 
 
-def load_generator(generator: Generator, path: str | Path, key: str = "g_ema", config: dict[str, Any] | None = None) -> None:
-    """Load generator weights into ``generator``, with errors that name what does not match.
+def load_generator(generator: Generator, path: str | Path, key: str = "g_ema", config: dict[str, Any] | None = None,
+                   state: dict[str, torch.Tensor] | None = None) -> None:
+    """Load generator weights into ``generator`` (``state``: the file's, when already read), with
+    errors that name what does not match.
 
     Buffers a file may lack (noise maps, blur kernels: adaptkit adapter files hold
     only trained parameters) keep their built values; missing parameters are errors.
     """
-    state = read_generator_file(path, key)
+    state = read_generator_file(path, key) if state is None else state
     own = generator.state_dict()
     built = ", ".join(f"{k} {v}" for k, v in (config or {}).items() if k in ("size", "style_dim", "n_mlp", "img_channels"))
     unexpected = sorted(set(state) - set(own))

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from adaptkit.checkpoint import check_pretrained_state, is_local_path, load_weights
+from adaptkit.checkpoint import check_pretrained_state, hub_directory, is_local_path, load_weights
 from adaptkit.errors import CheckpointError, PluginError, did_you_mean
 from adaptkit.surface import LayerSite
 
@@ -19,13 +19,18 @@ def create(params: Any, ctx: Any, family: str, expected: type[nn.Module]) -> nn.
     """Create the timm model a backbone's params name, with num_classes=0 (features only)."""
     import timm
 
-    preset = ctx.preset(params.model, params.name)
-    if preset is not None:
-        arch = preset.config["arch"]
-        kwargs: dict[str, Any] = dict(preset.config.get("kwargs") or {})
+    hub_dir = hub_directory(params.pretrained, HUB_CONFIG)
+    pretrained_cfg: dict[str, Any] | None = None
+    preset = None
+    if hub_dir is not None:  # the directory's own config.json says what it holds
+        arch, kwargs, pretrained_cfg = hub_config(hub_dir, params)
     else:
-        arch = params.model
-        kwargs = {}
+        preset = ctx.preset(params.model, params.name)
+        if preset is not None:
+            arch = preset.config["arch"]
+            kwargs = dict(preset.config.get("kwargs") or {})
+        else:
+            arch, kwargs = params.model, {}
     for key in ("img_size", "in_chans"):
         if getattr(params, key) is not None:
             kwargs[key] = getattr(params, key)
@@ -42,6 +47,8 @@ def create(params: Any, ctx: Any, family: str, expected: type[nn.Module]) -> nn.
             f"backbone.model: '{params.model}' is neither a {params.name} preset nor a timm model{did_you_mean(params.model, known)}; "
             f"presets: {', '.join(p.name for p in ctx.registry.presets(params.name))}"
         )
+    if pretrained_cfg is not None:  # the checkpoint's preprocessing travels with it
+        kwargs["pretrained_cfg"] = pretrained_cfg
     try:
         net = timm.create_model(name, pretrained=use_hub, **kwargs)
     except Exception as exc:  # kwargs timm rejects raise TypeError, ValueError, AssertionError...: none is a traceback
@@ -60,8 +67,35 @@ def create(params: Any, ctx: Any, family: str, expected: type[nn.Module]) -> nn.
         load_local(net, params.pretrained)
     net.adaptkit_preset_preprocess = dict(preset.config.get("preprocess") or {}) if preset is not None else {}
     # how plain timm creates the same architecture (weights aside), for native export
-    net.adaptkit_recipe = {"model_name": arch if hub is None else name, **{k: v for k, v in kwargs.items() if k != "num_classes"}}
+    net.adaptkit_recipe = {"model_name": arch if hub is None else name,
+                           **{k: v for k, v in kwargs.items() if k not in ("num_classes", "pretrained_cfg")}}
     return net
+
+
+#: what a timm hub-layout checkpoint directory holds (``huggingface-cli download timm/...``, ``push_to_hf_hub``)
+HUB_CONFIG = "config.json"
+
+
+def hub_config(directory: Path, params: Any) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """(architecture, create_model arguments, pretrained_cfg) of a timm hub-layout directory, read by
+    timm's own parser; a ``model`` the spec names that is not the directory's architecture is an error."""
+    from timm.models._hub import load_model_config_from_path
+
+    try:
+        pretrained_cfg, arch, model_args = load_model_config_from_path(directory)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(
+            f"backbone.pretrained: {directory / HUB_CONFIG} is not a timm model config "
+            f"({type(exc).__name__}: {str(exc)[:120]}); it needs 'architecture' and 'pretrained_cfg'"
+        ) from None
+    if "model" in params.model_fields_set and params.model != arch:
+        raise PluginError(
+            f"backbone.model: '{params.model}', but {directory / HUB_CONFIG} holds a '{arch}'; "
+            "leave backbone.model out: the directory says what it holds"
+        )
+    # timm's loader fields (file, source) would send a later create_model(pretrained=True) to this directory
+    pretrained_cfg = {k: v for k, v in pretrained_cfg.items() if k not in ("file", "source", "hf_hub_id")}
+    return arch, dict(model_args), pretrained_cfg
 
 
 def timm_input_config(net: nn.Module, in_chans: int, image_size: Any, preset_preprocess: dict[str, Any] | None) -> Any:

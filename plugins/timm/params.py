@@ -6,10 +6,10 @@ from typing import Any
 
 from pydantic import Field
 
-from adaptkit.params import ComponentParams
+from adaptkit.params import BackboneParams
 
 
-class TimmParams(ComponentParams):
+class TimmParams(BackboneParams):
     model: str = Field(..., description="a preset from registry.yaml or any timm model name of this family")
     pretrained: bool | str = Field(
         False,
