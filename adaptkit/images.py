@@ -16,36 +16,60 @@ if TYPE_CHECKING:
     import torch
 
 
+class UnreadableImage(Exception):
+    """Pillow could not decode an image: ``cause`` is its exception, ``bomb`` whether it was the
+    decompression-bomb guard. :func:`decode_image` raises it; callers word it for their users."""
+
+    def __init__(self, cause: BaseException, bomb: bool) -> None:
+        super().__init__(str(cause))
+        self.cause, self.bomb = cause, bomb
+
+
+def decode_image(source: Any) -> Any:
+    """Open and fully decode an image (a path or a binary file object), so a truncated file fails
+    here and not later. Every way Pillow fails becomes an :class:`UnreadableImage`, including an
+    image over its decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``; a small file that
+    decodes to gigabytes): both its ``DecompressionBombError`` and its ``DecompressionBombWarning``.
+    """
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(source)
+            image.load()
+            return image
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise UnreadableImage(exc, bomb=True) from None
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:  # Pillow's ways of saying "not an image" / "truncated"
+        raise UnreadableImage(exc, bomb=False) from None
+
+
 def open_image(path: str | Path, where: str = "data") -> Any:
     """Open and decode an image file, or raise a :class:`DataError` naming ``where`` and the file.
 
-    Refused: a file Pillow cannot read or that is truncated, and an image over Pillow's
-    decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``; a small file that decodes
-    to gigabytes): both its ``DecompressionBombError`` and its ``DecompressionBombWarning``
-    become the DataError, so a data source may skip such a file under its ``on_error``.
+    Refused: what :func:`decode_image` refuses (a file Pillow cannot read, a truncated one, one
+    over the decompression-bomb limit), so a data source may skip such a file under its ``on_error``.
 
     Example::
 
         image = open_image("photos/cat/001.jpg", "data.root")   # a loaded PIL.Image
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     path = Path(path)
+    if not path.exists():
+        raise DataError(f"{where} {path}: file not found")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                image.load()
-                return image.copy()  # decoded, and the file closed
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise DataError(
-            f"{where} {path}: the image is larger than Pillow's decompression-bomb limit "
-            f"({Image.MAX_IMAGE_PIXELS:,} pixels; {_first_line(exc)}); shrink it, or remove it from the data"
-        ) from None
-    except FileNotFoundError:
-        raise DataError(f"{where} {path}: file not found") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise DataError(f"{where} {path}: cannot read the image ({_first_line(exc)})") from None
+        with decode_image(path) as image:
+            return image.copy()  # decoded, and the file closed
+    except UnreadableImage as exc:
+        if exc.bomb:
+            raise DataError(
+                f"{where} {path}: the image is larger than Pillow's decompression-bomb limit "
+                f"({Image.MAX_IMAGE_PIXELS:,} pixels; {_first_line(exc.cause)}); shrink it, or remove it from the data"
+            ) from None
+        raise DataError(f"{where} {path}: cannot read the image ({_first_line(exc.cause)})") from None
 
 
 def image_tensor(path: str | Path, channels: int, size: int | tuple[int, int] | None, where: str = "data",

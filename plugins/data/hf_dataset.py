@@ -136,9 +136,9 @@ class TableReader:
         if isinstance(value, dict):
             value = value.get("bytes") or value.get("path")
         if isinstance(value, (bytes, bytearray)):
-            return decode(lambda: io.BytesIO(value), self.where(i))
+            return decode(io.BytesIO(value), self.where(i))
         if isinstance(value, str):
-            return decode(lambda: value, f"{self.where(i)} ({value})")
+            return decode(value, f"{self.where(i)} ({value})")
         if hasattr(value, "convert"):  # already a PIL image
             return value
         raise SampleError(f"{self.where(i)}: column '{self.image_key}' holds {type(value).__name__}, not an image")

@@ -53,7 +53,7 @@ class FileReader:
         from adaptkit_plugins.data.image_samples import decode
 
         path = self.paths[i]
-        image = decode(lambda: path, path)
+        image = decode(path, path)
         if self.expect_size is not None and image.size != (self.expect_size[1], self.expect_size[0]):
             from adaptkit.errors import DataError
 

@@ -24,6 +24,7 @@ from torch.utils.data import default_collate
 
 from adaptkit.data import SKIPPED, BatchDataset, DataBundle, DataInfo, InputConfig, TensorDataset
 from adaptkit.errors import DataError
+from adaptkit.images import UnreadableImage, decode_image
 
 #: how many following samples are tried in place of an unreadable one before giving up
 MAX_TRIES = 16
@@ -314,23 +315,16 @@ class SampleReader:
         return f"sample {i}"
 
 
-def decode(opener: Callable[[], Any], where: str) -> Any:
-    """Open and fully decode an image (truncated files fail here, not later), mapping every
-    way it can fail, including PIL's decompression-bomb guard, to a :class:`SampleError`."""
-    import warnings
-
-    from PIL import Image
-
+def decode(source: Any, where: str) -> Any:
+    """Open and fully decode an image, a path or a binary file object
+    (:func:`adaptkit.images.decode_image`), every way it can
+    fail, PIL's decompression-bomb guard included, as a :class:`SampleError`."""
     try:
-        with warnings.catch_warnings():  # past the limit (the warning) too, as adaptkit.images.open_image
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(opener())
-            image.load()
-        return image
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise SampleError(f"{where}: larger than PIL's decompression-bomb limit ({exc})") from None
-    except (OSError, ValueError, SyntaxError, EOFError) as exc:  # PIL's ways of saying "not an image" / "truncated"
-        raise SampleError(f"{where}: cannot read the image ({type(exc).__name__}: {str(exc)[:160]})") from None
+        return decode_image(source)
+    except UnreadableImage as exc:
+        if exc.bomb:
+            raise SampleError(f"{where}: larger than PIL's decompression-bomb limit ({exc.cause})") from None
+        raise SampleError(f"{where}: cannot read the image ({type(exc.cause).__name__}: {str(exc.cause)[:160]})") from None
 
 
 class ImageSamples(BatchDataset):

@@ -260,7 +260,7 @@ class ShardReader(SampleReader):
     def image(self, i: int) -> Any:
         data = self._read(i, int(self.index.image_offset[i]), int(self.index.image_size[i]), "image")
         try:
-            return decode(lambda: io.BytesIO(data), "")
+            return decode(io.BytesIO(data), "")
         except SampleError as error:  # named here, where reading the name costs a header read only on failure
             raise SampleError(f"{self.where(i)}{error}") from None
 
