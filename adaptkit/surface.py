@@ -20,11 +20,14 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from adaptkit.errors import CompatibilityError
 from adaptkit.records import SITE_KINDS
 from adaptkit.towers import resolve_towers
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -150,6 +153,29 @@ class TokenSite:
 
     def attach(self, source: PromptSource) -> None:  # pragma: no cover - interface
         raise NotImplementedError
+
+
+@runtime_checkable
+class PlaceholderSite(Protocol):
+    """A text token site that learns new words: textual inversion (Gal et al., 2022).
+
+    The ``prompt`` method with ``placeholder: "<my-thing>"`` asks the text tower's
+    :class:`TokenSite` for this capability with ``isinstance``. Members:
+
+    - ``in_vocabulary(word) -> bool``: the tower's tokenizer already has ``word`` as one
+      token (a placeholder must be new: diffusers refuses such a token too);
+    - ``embed_words(text) -> Tensor (n, dim)``: the token embeddings of ``text``'s words,
+      without start/end tokens (the placeholder's initial value comes from these);
+    - ``bind_placeholder(word, vector)``: from now on every text that contains ``word``
+      is encoded with the learned ``vector`` (dim,) as that word's single token
+      embedding, wherever the word occurs; the base vocabulary and weights are untouched.
+    """
+
+    def in_vocabulary(self, word: str) -> bool: ...
+
+    def embed_words(self, text: str) -> torch.Tensor: ...
+
+    def bind_placeholder(self, word: str, vector: torch.nn.Parameter) -> None: ...
 
 
 class TextSite:
