@@ -95,9 +95,9 @@ class AdapterSet:
     @classmethod
     def from_run(cls, source: str | Path, name: str = "default", registry: Any = None) -> "AdapterSet":
         """A set on the base of a run (directory or adapter file), holding that run as ``name``, active."""
-        from adaptkit.native import spec_of_run
+        from adaptkit.rundir import RunDir
 
-        spec, _ = spec_of_run(source)
+        spec, _ = RunDir.trained(source).spec_and_adapter()
         adapters = cls(spec, registry)
         adapters.load(name, source)
         adapters.use(name)
@@ -111,9 +111,9 @@ class AdapterSet:
         weights (fingerprint), same task.
         """
         from adaptkit.checkpoint import load_tensors
-        from adaptkit.native import spec_of_run
+        from adaptkit.rundir import RunDir
 
-        spec, path = spec_of_run(source)
+        spec, path = RunDir.trained(source).spec_and_adapter()
         tensors, metadata = load_tensors(path)
         self._check_base(spec, metadata.get("base_fingerprint"), str(source))
         return self._add(name, list(spec.methods), tensors, str(source))
@@ -376,13 +376,14 @@ class AdapterSet:
         if path.suffix == ".safetensors":
             save_tensors(path, adapter.state(), metadata)
             return [path.name]
-        from adaptkit.rundir import write_saved_run
+        from adaptkit.rundir import RUN_FILES, RunDir
 
         path.mkdir(parents=True, exist_ok=True)
-        save_tensors(path / "adapter.safetensors", adapter.state(), metadata)
+        run = RunDir.at(path)
+        save_tensors(run.adapter, adapter.state(), metadata)
         status = "combined" if adapter.source and " x " in adapter.source else "saved"
-        write_saved_run(path, spec, status, name=name, note={"source": adapter.source})
-        return ["spec.yaml", "adapter.safetensors", "run.json"]
+        run.write_saved(spec, status, name=name, note={"source": adapter.source})
+        return list(RUN_FILES)
 
     def __repr__(self) -> str:
         shown = ", ".join(f"{n}{'*' if n in self.active else ''}" for n in self.adapters)

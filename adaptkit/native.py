@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from adaptkit.errors import CheckpointError, CompatibilityError, RunError
+from adaptkit.errors import CompatibilityError
 
 NATIVE_FILE = "adaptkit_native.json"
 
@@ -50,51 +50,14 @@ class NativeModel:
         return backbone.native_module_name(ours[len("backbone."):])
 
 
-def spec_of_run(source: str | Path) -> tuple[Any, Path]:
-    """The spec and the adapter file of a run directory or of an adapter file (its metadata)."""
-    from adaptkit.checkpoint import read_metadata
-    from adaptkit.spec import load_spec, stored_spec
-
-    from adaptkit.rundir import locate_run
-
-    source = Path(source)
-    spec_file = None
-    if source.is_dir():  # (an adapter's own metadata holds its spec: spec.yaml may be missing)
-        run = locate_run(source, need_adapter=True, need_spec=False)
-        adapter, spec_file = run.adapter, run.spec_file
-    elif source.is_file() and source.suffix.lower() in (".yaml", ".yml", ".json"):
-        raise RunError(f"{source}: a spec, not a trained run; give the run directory (or its adapter.safetensors)")
-    else:
-        adapter = source
-    metadata = read_metadata(adapter)
-    if "spec" not in metadata:
-        if spec_file is not None:
-            return load_spec(spec_file), adapter
-        raise CheckpointError(f"{adapter}: holds no spec in its metadata (not an adaptkit adapter file); pass its run directory")
-    try:
-        stored = load_spec(stored_spec(json.loads(metadata["spec"]), str(adapter)))
-    except ValueError:
-        raise CheckpointError(f"{adapter}: the spec in its metadata is not valid JSON; the file is damaged") from None
-    if spec_file is None:
-        return stored, adapter
-    spec = load_spec(spec_file)
-    # spec.yaml may be edited (data paths on another machine), but not what the tensors mean
-    for key in ("methods", "task"):
-        if spec.to_dict()[key] != stored.to_dict()[key]:
-            raise RunError(
-                f"{source}: spec.yaml and adapter.safetensors disagree on {key} (the adapter's own spec says "
-                f"{json.dumps(stored.to_dict()[key])[:200]}); they come from different runs. Re-run it, or pass the adapter file"
-            )
-    return spec, adapter
-
-
 def load_trained(source: str | Path, registry: Any = None) -> nn.Module:
     """Build the model a run (directory or adapter file) trained, and load its adapter."""
     from adaptkit.builder import build
     from adaptkit.checkpoint import load_adapter
     from adaptkit.precision import at_full_precision
+    from adaptkit.rundir import RunDir
 
-    spec, adapter = spec_of_run(source)
+    spec, adapter = RunDir.trained(source).spec_and_adapter()
     model = build(at_full_precision(spec), registry=registry)  # merged weights are not rounded to a bf16 base
     load_adapter(model, adapter)
     model.eval()
@@ -254,9 +217,9 @@ def save_run(model: nn.Module, directory: str | Path, status: str, note: dict[st
     """Write a built model as a run directory (spec.yaml, adapter.safetensors, run.json) that
     ``adaptkit export`` / ``merge`` / ``load_trained`` accept like a trained run."""
     from adaptkit.checkpoint import save_adapter
-    from adaptkit.rundir import write_saved_run
+    from adaptkit.rundir import RUN_FILES, RunDir
 
-    directory = Path(directory)
-    save_adapter(model, directory / "adapter.safetensors")
-    write_saved_run(directory, model.adaptkit.spec, status, note=note)
-    return ["spec.yaml", "adapter.safetensors", "run.json"]
+    run = RunDir.at(directory)
+    save_adapter(model, run.adapter)
+    run.write_saved(model.adaptkit.spec, status, note=note)
+    return list(RUN_FILES)

@@ -1,5 +1,9 @@
-"""A run directory as a transaction (torch-free).
+"""Run directories (torch-free): :class:`RunDir` is the one reader and writer of a run's files,
+:class:`RunTransaction` the life of a run writing one.
 
+- Every command finds a run through :class:`RunDir` (a directory, its adapter file, or a YAML
+  spec where the command takes one), reads its spec, adapter and ``run.json`` through it, and
+  writes ``run.json`` and the status through it.
 - One writer: :class:`RunLock` holds an ``fcntl`` lock on ``.<name>.lock`` beside the run
   directory, with the holder's pid in it; a second ``adaptkit run`` into the directory is
   refused, naming that pid.
@@ -113,74 +117,198 @@ def write_json(path: Path, data: Any) -> None:
     write_text(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
-@dataclass(frozen=True)
-class RunSource:
-    """What a command that reads a run was pointed at: a run directory or a spec file.
+# ----------------------------------------------------------------------------- one run directory
+SPEC_FILE = "spec.yaml"
+ADAPTER_FILE = "adapter.safetensors"
+#: the files that make a directory run-shaped
+RUN_FILES = (SPEC_FILE, ADAPTER_FILE, RUN_FILE)
 
-    ``spec_file`` is the run's ``spec.yaml`` (or the spec file itself; None for a run directory
-    without one where that is allowed); ``adapter`` the run's ``adapter.safetensors`` (None for a
-    spec file, or an unfinished run where that is allowed).
+
+@dataclass(frozen=True)
+class RunDir:
+    """A run directory: the one way adaptkit finds, reads and writes a run's spec, adapter and ``run.json``.
+
+    ``path`` is the directory, or the file a command was given in its place (a YAML spec, or
+    an adapter file); ``spec_file`` and ``adapter`` are the run's spec and adapter, None where
+    there is none (a spec file has no adapter, an unfinished run no adapter yet).
+
+    Example::
+
+        run = RunDir.locate("runs/lora_digits", need_adapter=True)   # or a YAML spec where a command takes one
+        spec = run.load_spec(["train.device=cpu"])
+        spec, adapter = RunDir.trained("runs/lora_digits/adapter.safetensors").spec_and_adapter()
+
+        out = RunDir.at("runs/new")                     # a writer's view: the files need not exist yet
+        out.write_marker({"spec_fingerprint": "...", "status": "running"})
+        out.set_status("done", finished="...")           # atomic read-modify-write of run.json
+        out.read_marker()["status"]                     # 'done'
     """
 
     path: Path
     spec_file: Path | None
     adapter: Path | None
 
+    # ----------------------------------------------------------------- finding a run
+    @classmethod
+    def at(cls, directory: str | Path) -> "RunDir":
+        """The run directory ``directory`` as its writer sees it: every file in its place, whether written yet or not."""
+        directory = Path(directory)
+        return cls(directory, directory / SPEC_FILE, directory / ADAPTER_FILE)
+
+    @classmethod
+    def locate(cls, target: str | Path, *, need_adapter: bool, need_spec: bool = True) -> "RunDir":
+        """What a command that reads a run directory or a YAML spec (``generate``, ``classify``, ``edit``)
+        was pointed at; a :class:`RunError` saying what is missing.
+
+        Example::
+
+            run = RunDir.locate("runs/lora_digits", need_adapter=True)
+            run.spec_file, run.adapter      # runs/lora_digits/spec.yaml, .../adapter.safetensors
+        """
+        path = Path(target)
+        if path.is_dir():
+            spec: Path | None = path / SPEC_FILE
+            if not spec.is_file():
+                if need_spec:
+                    raise RunError(f"{path}: not a run directory (it has no spec.yaml); give a run directory or a YAML spec")
+                spec = None
+            adapter: Path | None = path / ADAPTER_FILE
+            if not adapter.is_file():
+                if need_adapter:
+                    raise RunError(f"{path}: the run has no adapter.safetensors yet; has it finished?")
+                adapter = None
+            return cls(path, spec, adapter)
+        if path.is_file():
+            return cls(path, path, None)
+        raise RunError(f"{path}: no such run directory or spec file")
+
+    @classmethod
+    def trained(cls, target: str | Path) -> "RunDir":
+        """A trained run, for the commands that need its adapter (``merge``, ``export``, ``combine``,
+        ``load_trained``): its directory, or its adapter file alone (whose metadata holds the spec)."""
+        path = Path(target)
+        if path.is_dir():  # (an adapter's own metadata holds its spec: spec.yaml may be missing)
+            return cls.locate(path, need_adapter=True, need_spec=False)
+        if path.is_file() and path.suffix.lower() in (".yaml", ".yml", ".json"):
+            raise RunError(f"{path}: a spec, not a trained run; give the run directory (or its adapter.safetensors)")
+        return cls(path, None, path)
+
     @property
     def is_run(self) -> bool:
+        """True for a run directory, False for a file given in its place."""
         return self.path.is_dir()
 
+    # ----------------------------------------------------------------- reading
+    def load_spec(self, overrides: list[str] | None = None, registry: Any = None) -> Any:
+        """The run's spec (a RunSpec) with ``overrides`` applied; errors name the spec file.
 
-def locate_run(target: str | Path, *, need_adapter: bool, need_spec: bool = True) -> RunSource:
-    """The one reader of where a run's files are, for every command that takes a run directory
-    (or a spec file): ``generate``, ``classify``, ``edit``, ``merge``, ``export``, ``load_trained``.
+        A spec without a name is named after its file, or (in a run directory) after the directory.
+        """
+        from adaptkit.spec import apply_overrides, read_yaml, validate_spec
 
-    Example::
+        if self.spec_file is None:
+            raise RunError(f"{self.path}: the run has no spec.yaml")
+        source = str(self.spec_file)
+        data = read_yaml(self.spec_file)
+        if data.get("name") is None:
+            data["name"] = self.path.name if self.is_run else self.spec_file.stem
+        if overrides:
+            data = apply_overrides(data, list(overrides), source)
+        return validate_spec(data, registry, source)
 
-        source = locate_run("runs/lora_digits", need_adapter=True)
-        source.spec_file, source.adapter      # runs/lora_digits/spec.yaml, .../adapter.safetensors
-    """
-    path = Path(target)
-    if path.is_dir():
-        spec = path / "spec.yaml"
-        if not spec.is_file():
-            if need_spec:
-                raise RunError(f"{path}: not a run directory (it has no spec.yaml); give a run directory or a YAML spec")
-            spec = None
-        adapter = path / "adapter.safetensors"
-        if not adapter.is_file():
-            if need_adapter:
-                raise RunError(f"{path}: the run has no adapter.safetensors yet; has it finished?")
-            adapter = None
-        return RunSource(path, spec, adapter)
-    if path.is_file():
-        return RunSource(path, path, None)
-    raise RunError(f"{path}: no such run directory or spec file")
+    def spec_and_adapter(self) -> tuple[Any, Path]:
+        """The spec a trained run's adapter was trained with, and the adapter file.
 
+        The adapter's metadata holds its spec; a run directory's spec.yaml may differ from it
+        in what does not change what the tensors mean (data paths on another machine), but
+        not in its methods or task.
+        """
+        from adaptkit.checkpoint import read_metadata
+        from adaptkit.errors import CheckpointError
+        from adaptkit.spec import load_spec, stored_spec
 
-def write_saved_run(directory: Path, spec: Any, status: str, name: str | None = None, note: dict[str, Any] | None = None) -> None:
-    """Write ``spec.yaml`` and ``run.json`` (atomically) beside an adapter saved outside ``adaptkit run``
-    (an import, a combination, ``save_run``), so that merge / export / load_trained take the directory
-    like a trained run."""
-    from adaptkit import __version__
+        if self.adapter is None:
+            raise RunError(f"{self.path}: the run has no adapter.safetensors yet; has it finished?")
+        adapter = self.adapter
+        metadata = read_metadata(adapter)
+        if "spec" not in metadata:
+            if self.spec_file is not None:
+                return self.load_spec(), adapter
+            raise CheckpointError(f"{adapter}: holds no spec in its metadata (not an adaptkit adapter file); pass its run directory")
+        try:
+            stored = load_spec(stored_spec(json.loads(metadata["spec"]), str(adapter)))
+        except ValueError:
+            raise CheckpointError(f"{adapter}: the spec in its metadata is not valid JSON; the file is damaged") from None
+        if self.spec_file is None:
+            return stored, adapter
+        spec = self.load_spec()
+        for key in ("methods", "task"):
+            if spec.to_dict()[key] != stored.to_dict()[key]:
+                raise RunError(
+                    f"{self.path}: spec.yaml and adapter.safetensors disagree on {key} (the adapter's own spec says "
+                    f"{json.dumps(stored.to_dict()[key])[:200]}); they come from different runs. Re-run it, or pass the adapter file"
+                )
+        return spec, adapter
 
-    write_text(directory / "spec.yaml", spec.to_yaml())
-    write_json(directory / RUN_FILE, {"name": name or spec.name or directory.name, "spec_fingerprint": spec.fingerprint(),
-                                      "status": status, "adaptkit_version": __version__, "started": _now(), **(note or {})})
+    @property
+    def marker_file(self) -> Path:
+        return self.path / RUN_FILE
 
+    def read_marker(self) -> dict[str, Any] | None:
+        """The run's ``run.json``, None where there is none; a :class:`RunError` when it is not one adaptkit wrote."""
+        path = self.marker_file
+        if not path.is_file():
+            return None
+        try:
+            marker = json.loads(path.read_bytes()[: 1 << 20])
+        except (OSError, ValueError) as exc:
+            raise RunError(f"{path}: damaged run.json ({str(exc).splitlines()[0][:120]}); remove the directory or choose another") from None
+        if not isinstance(marker, dict) or not isinstance(marker.get("spec_fingerprint"), str):
+            raise RunError(f"{path}: not a run.json adaptkit wrote (expected a mapping with a spec_fingerprint); remove it or choose another directory")
+        return marker
 
-def read_marker(directory: Path) -> dict[str, Any] | None:
-    """A run directory's ``run.json``, None where there is none; a :class:`RunError` when it is not one adaptkit wrote."""
-    path = Path(directory) / RUN_FILE
-    if not path.is_file():
-        return None
-    try:
-        marker = json.loads(path.read_bytes()[: 1 << 20])
-    except (OSError, ValueError) as exc:
-        raise RunError(f"{path}: damaged run.json ({str(exc).splitlines()[0][:120]}); remove the directory or choose another") from None
-    if not isinstance(marker, dict) or not isinstance(marker.get("spec_fingerprint"), str):
-        raise RunError(f"{path}: not a run.json adaptkit wrote (expected a mapping with a spec_fingerprint); remove it or choose another directory")
-    return marker
+    # ----------------------------------------------------------------- writing
+    def write_marker(self, marker: dict[str, Any]) -> None:
+        """Write ``run.json`` whole or not at all (:func:`atomic_path`)."""
+        write_json(self.marker_file, marker)
+
+    def set_status(self, status: str, **fields: Any) -> dict[str, Any]:
+        """Set the run's status in ``run.json``, with ``fields`` (a reason, when it finished, metrics); the
+        rest of what it says is kept. Returns what it now says."""
+        marker = self.read_marker() or {}
+        marker.update(fields, status=status)
+        self.write_marker(marker)
+        return marker
+
+    def mark_running(self, spec_yaml: str, fields: dict[str, Any], previous: dict[str, Any] | None = None) -> None:
+        """Write the spec and a ``run.json`` saying the run is running; ``previous`` (a resumed run's
+        run.json) keeps what it said, but not why or when it last stopped."""
+        marker = dict(previous or {})
+        for stale in ("reason", "finished"):
+            marker.pop(stale, None)
+        marker.update(fields, status="running")
+        marker.setdefault("started", _now())
+        write_text(self.path / SPEC_FILE, spec_yaml)
+        self.write_marker(marker)
+
+    def mark_stopped(self, exc: BaseException) -> None:
+        """Say in ``run.json`` why the run stopped: ``interrupted`` (Ctrl-C, SIGTERM) or ``failed`` (the error)."""
+        if isinstance(exc, KeyboardInterrupt):
+            status, reason = "interrupted", signal.Signals(getattr(exc, "signum", signal.SIGINT)).name
+        else:
+            status, reason = "failed", str(exc).strip()[:2000] or type(exc).__name__
+            if not isinstance(exc, AdaptkitError):
+                reason = f"{type(exc).__name__}: {reason}"
+        self.set_status(status, reason=reason, finished=_now())
+
+    def write_saved(self, spec: Any, status: str, name: str | None = None, note: dict[str, Any] | None = None) -> None:
+        """Write ``spec.yaml`` and ``run.json`` beside an adapter saved outside ``adaptkit run`` (an import,
+        a combination, ``save_run``), so that merge / export / load_trained take the directory like a trained run."""
+        from adaptkit import __version__
+
+        write_text(self.path / SPEC_FILE, spec.to_yaml())
+        self.write_marker({"name": name or spec.name or self.path.name, "spec_fingerprint": spec.fingerprint(),
+                           "status": status, "adaptkit_version": __version__, "started": _now(), **(note or {})})
 
 
 def remove_leftovers(directory: Path) -> None:
@@ -263,12 +391,12 @@ class RunLock:
 
 
 # ----------------------------------------------------------------------------- the transaction
-class RunDirectory:
+class RunTransaction:
     """Where one run writes, from its start to its last file, as a transaction.
 
     Example::
 
-        with RunDirectory(out, spec.fingerprint(), resume=False, overwrite=True) as rundir:
+        with RunTransaction(out, spec.fingerprint(), resume=False, overwrite=True) as rundir:
             model = build(spec)                      # may fail: nothing on disk has changed
             rundir.start(spec.to_yaml(), {"name": spec.name})
             ...                                      # write into rundir.work
@@ -293,8 +421,13 @@ class RunDirectory:
         """The directory this run writes into."""
         return self.staging if self.replacing else self.out
 
+    @property
+    def run(self) -> RunDir:
+        """:attr:`work` as a :class:`RunDir`: where this run's files go and what its run.json says."""
+        return RunDir.at(self.work)
+
     # ----------------------------------------------------------------- enter / exit
-    def __enter__(self) -> "RunDirectory":
+    def __enter__(self) -> "RunTransaction":
         if not self.main:
             return self
         refuse_system_path(self.out, "output.dir")
@@ -322,7 +455,10 @@ class RunDirectory:
                 if self.replacing:
                     shutil.rmtree(self.staging, ignore_errors=True)
                 elif self.started:
-                    self._mark_stopped(exc)
+                    try:
+                        self.run.mark_stopped(exc)
+                    except (OSError, RunError):  # the disk that failed the run may refuse this too
+                        pass
         finally:
             self._lock.release()
 
@@ -339,7 +475,7 @@ class RunDirectory:
 
     def _check(self) -> None:
         out = self.out
-        marker = read_marker(out)
+        marker = RunDir.at(out).read_marker()
         if marker is None:
             if out.is_dir() and any(out.iterdir()):
                 raise RunError(
@@ -368,42 +504,19 @@ class RunDirectory:
             self.work.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise RunError(f"output.dir {self.out}: cannot create it ({exc.strerror})") from None
-        marker = dict(self.previous or {}) if self.resume else {}
-        for stale in ("reason", "finished"):
-            marker.pop(stale, None)
-        marker.update(fields, spec_fingerprint=self.fingerprint, status="running")
-        marker.setdefault("started", _now())
-        (self.work / "spec.yaml").write_text(spec_yaml)
-        write_json(self.work / RUN_FILE, marker)
+        self.run.mark_running(spec_yaml, {**fields, "spec_fingerprint": self.fingerprint}, self.previous if self.resume else None)
         self.started = True
 
     def finish(self, fields: dict[str, Any]) -> None:
         """Mark the run as done; a run that replaces another is moved into place now."""
         if not self.main:
             return
-        self._update(status="done", finished=_now(), **fields)
+        self.run.set_status("done", finished=_now(), **fields)
         if self.replacing:
             old = self.out.parent / f".{self.out.name}.old"
             os.replace(self.out, old)
             os.replace(self.staging, self.out)
             shutil.rmtree(old, ignore_errors=True)
-
-    def _mark_stopped(self, exc: BaseException) -> None:
-        if isinstance(exc, KeyboardInterrupt):
-            status, reason = "interrupted", signal.Signals(getattr(exc, "signum", signal.SIGINT)).name
-        else:
-            status, reason = "failed", str(exc).strip()[:2000] or type(exc).__name__
-            if not isinstance(exc, AdaptkitError):
-                reason = f"{type(exc).__name__}: {reason}"
-        try:
-            self._update(status=status, reason=reason, finished=_now())
-        except (OSError, RunError):  # the disk that failed the run may refuse this too
-            pass
-
-    def _update(self, **fields: Any) -> None:
-        marker = read_marker(self.work) or {}
-        marker.update(fields)
-        write_json(self.work / RUN_FILE, marker)
 
 
 def _raise_terminated(signum: int, frame: Any) -> None:

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from adaptkit.rundir import RunDirectory, write_json
+from adaptkit.rundir import RunDir, RunTransaction, write_json
 from adaptkit.spec import RunSpec, load_spec
 
 
@@ -59,7 +59,7 @@ def run(spec: RunSpec | dict[str, Any] | str | Path, overrides: list[str] | None
 
     out = output_dir_for(spec)
     # the old run stays as it was until this one has finished (see adaptkit.rundir)
-    with RunDirectory(out, spec.fingerprint(), resume=spec.train.resume, overwrite=overwrite or spec.output.overwrite,
+    with RunTransaction(out, spec.fingerprint(), resume=spec.train.resume, overwrite=overwrite or spec.output.overwrite,
                       main=dist.main) as rundir:
         barrier(dist)
         files, final, model, trainable, total = _run_in(rundir, spec, reg, device, dist, say)
@@ -69,7 +69,7 @@ def run(spec: RunSpec | dict[str, Any] | str | Path, overrides: list[str] | None
     return RunResult(metrics=metrics, output_dir=out, files=files, model=model)
 
 
-def _run_in(rundir: RunDirectory, spec: RunSpec, reg: Any, device: Any, dist: Any, say: Any) -> tuple[list[str], dict[str, Any], Any, int, int]:
+def _run_in(rundir: RunTransaction, spec: RunSpec, reg: Any, device: Any, dist: Any, say: Any) -> tuple[list[str], dict[str, Any], Any, int, int]:
     """Build, train, evaluate and save into ``rundir.work``; returns (files, final metrics, model, trainable, total)."""
     from adaptkit import __version__
     from adaptkit.builder import build, count_parameters, recommended
@@ -133,8 +133,8 @@ def _run_in(rundir: RunDirectory, spec: RunSpec, reg: Any, device: Any, dist: An
             skipped[split] = int(final[split].pop("skipped", 0)) if isinstance(final[split], dict) else 0
     files: list[str] = []
     if dist.main:
-        save_adapter(model, out / "adapter.safetensors")
-        files.append("adapter.safetensors")
+        save_adapter(model, rundir.run.adapter)
+        files.append(rundir.run.adapter.name)
         for split, metrics in final.items():
             files += model.write_artifacts(metrics, out, split)
         summary = {
@@ -146,7 +146,7 @@ def _run_in(rundir: RunDirectory, spec: RunSpec, reg: Any, device: Any, dist: An
             "steps": len(history) and history[-1]["step"],
             "train_seconds": round(train_seconds, 2),
             "resumed_from_step": resumed_from,
-            "adapter_bytes": (out / "adapter.safetensors").stat().st_size,
+            "adapter_bytes": rundir.run.adapter.stat().st_size,
             "data_skipped": skipped,
         }
         write_json(out / "metrics.json", summary)
@@ -175,10 +175,8 @@ def load_run(path: str | Path, overrides: list[str] | None = None, device: str =
     from adaptkit.builder import build
     from adaptkit.checkpoint import load_adapter
     from adaptkit.distributed import resolve_device
-    from adaptkit.rundir import locate_run
-
-    source = locate_run(path, need_adapter=True)
-    model = build(load_spec(source.spec_file, overrides))
+    source = RunDir.locate(path, need_adapter=True)
+    model = build(source.load_spec(overrides))
     if source.adapter is not None:
         load_adapter(model, source.adapter)
     model.eval()

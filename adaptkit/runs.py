@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from adaptkit.errors import RunError, SpecError
-from adaptkit.rundir import read_marker
+from adaptkit.rundir import RUN_FILE, RunDir
 
 
 @dataclass
@@ -57,13 +57,13 @@ def read_run(path: str | Path) -> RunRecord:
     """Read one run directory; a clear error if it is not one."""
     from adaptkit.spec import read_yaml
 
-    path = Path(path)
-    marker = path / "run.json"
-    if not marker.is_file():
+    run = RunDir.at(path)
+    path = run.path
+    info = run.read_marker()
+    if info is None:
         raise RunError(f"{path}: not a run directory (no run.json)")
-    info = read_marker(path) or {}
     try:
-        spec = read_yaml(path / "spec.yaml") if (path / "spec.yaml").exists() else {}
+        spec = read_yaml(run.spec_file) if run.spec_file.exists() else {}
     except SpecError:
         spec = {}
     history = []
@@ -87,5 +87,5 @@ def find_runs(root: str | Path) -> list[RunRecord]:
     root = Path(root)
     if not root.is_dir():
         raise RunError(f"{root}: no such directory")
-    runs = [read_run(marker.parent) for marker in sorted(root.rglob("run.json"))]
+    runs = [read_run(marker.parent) for marker in sorted(root.rglob(RUN_FILE))]
     return sorted(runs, key=lambda r: r.started, reverse=True)

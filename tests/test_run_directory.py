@@ -172,8 +172,18 @@ def test_a_failed_run_says_so_in_run_json(tmp_path, capsys, monkeypatch):
     assert (tmp_path / "run" / "checkpoint" / "state.safetensors").exists()  # resumable from step 2
 
 
+@pytest.fixture
+def ctrl_c_raises():
+    """SIGINT raising KeyboardInterrupt, as in any foreground Python process. A shell starts a
+    background job (`pytest ... &` in a script) with SIGINT ignored, and Python then keeps it
+    ignored: without this, how pytest was started decided whether the run saw the signal."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_an_interrupted_run_says_so_in_run_json(tmp_path, capsys, monkeypatch, signum, code):
+def test_an_interrupted_run_says_so_in_run_json(tmp_path, capsys, monkeypatch, signum, code, ctrl_c_raises):
     path = spec_file(tmp_path)
     original = Trainer._save_state
 

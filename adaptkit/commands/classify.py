@@ -76,15 +76,14 @@ def main(args: argparse.Namespace) -> int:
     from adaptkit.capabilities import HasClassNames
     from adaptkit.checkpoint import load_adapter
     from adaptkit.precision import compute_context
-    from adaptkit.rundir import locate_run
-    from adaptkit.spec import load_spec
+    from adaptkit.rundir import RunDir
 
     if args.top < 1:
         raise SpecError("--top must be at least 1")
     labels = parse_labels(args.labels) if args.labels is not None else None
-    source = locate_run(args.run, need_adapter=False)
-    spec_file, adapter = source.spec_file, source.adapter
-    spec = load_spec(spec_file)
+    source = RunDir.locate(args.run, need_adapter=False)
+    adapter = source.adapter
+    spec = source.load_spec()
     model = build(spec)
     backbone = model.backbone
     if "text_features" not in backbone.capabilities:

@@ -29,7 +29,7 @@ def main(args: argparse.Namespace) -> int:
     from adaptkit.adapters import AdapterSet
     from adaptkit.errors import CompatibilityError
     from adaptkit.commands.outputs import check_finite, check_output_dir, staged_output
-    from adaptkit.native import spec_of_run
+    from adaptkit.rundir import RunDir
 
     weights = args.weights or [1.0] * len(args.runs)
     if len(weights) != len(args.runs):
@@ -50,7 +50,7 @@ def main(args: argparse.Namespace) -> int:
         if not head.isdigit() or not 1 <= int(head) <= len(names):
             raise CompatibilityError(f"--head: 'weighted' or a run number from 1 to {len(names)}, got '{head}'")
         head = names[int(head) - 1]
-    spec, _ = spec_of_run(args.runs[0])
+    spec, _ = RunDir.trained(args.runs[0]).spec_and_adapter()
     adapters = AdapterSet(spec)
     for name, run in zip(names, args.runs):
         adapters.load(name, run)

@@ -18,15 +18,14 @@ from pathlib import Path
 
 from adaptkit.errors import DataError, RunError
 from adaptkit.spec import DEVICE_PATTERN, MAX_SEED
-from adaptkit.rundir import atomic_path, create_temp_dir, read_marker
+from adaptkit.rundir import RUN_FILES, RunDir, atomic_path, create_temp_dir
 
-RUN_MARKERS = ("run.json", "spec.yaml", "adapter.safetensors")
 MAX_IMAGE_SIDE = 8192  # pixels of one written image: --scale beyond this is a typo, not a wish
 
 
 def holds_run(directory: Path) -> bool:
     """True when ``directory`` looks like an adaptkit run (or run-shaped output) directory."""
-    return directory.is_dir() and any((directory / marker).is_file() for marker in RUN_MARKERS)
+    return directory.is_dir() and any((directory / marker).is_file() for marker in RUN_FILES)
 
 
 def written_by_adaptkit(directory: Path) -> bool:
@@ -36,7 +35,7 @@ def written_by_adaptkit(directory: Path) -> bool:
     named ``spec.yaml`` is written into, never removed.
     """
     try:
-        return read_marker(directory) is not None
+        return RunDir.at(directory).read_marker() is not None
     except RunError:
         return False
 

@@ -38,21 +38,13 @@ def adaptkit_commands(commands: Any) -> None:
 
 def _load(args: argparse.Namespace) -> tuple[Any, Path | None]:
     from adaptkit.errors import SpecError
-    from adaptkit.rundir import locate_run
-    from adaptkit.spec import load_spec, read_yaml, validate_spec
+    from adaptkit.rundir import RunDir
+    from adaptkit.spec import validate_spec
 
-    run = locate_run(args.spec, need_adapter=False)
+    run = RunDir.locate(args.spec, need_adapter=False)
     adapter = run.adapter
-    data = read_yaml(run.spec_file)
-    if not run.is_run:
-        data.setdefault("name", run.path.stem)
     source = str(run.spec_file)
-    try:
-        spec = load_spec(data, list(args.overrides or []))
-    except SpecError as exc:  # a dict has no file name: say which file the problem is in
-        if exc.source is not None:
-            raise
-        raise SpecError(exc.problems, source) from None
+    spec = run.load_spec(list(args.overrides or []))
     if spec.task.name != EDIT_TASK:
         raise SpecError(
             f"adaptkit edit needs a spec whose task is {EDIT_TASK}, this one's task is '{spec.task.name}'. "
