@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 
 import adaptkit
+from adaptkit.checkpoint import load_tensors, save_tensors
 from adaptkit.errors import CheckpointError, CompatibilityError, PluginError, SpecError
-from adaptkit_plugins.stylegan.generator import load_generator, read_generator_file, save_generator
+from adaptkit_plugins.stylegan.generator import latent_avg_file, load_generator, read_generator_file, read_latent_avg, save_generator
 from adaptkit_plugins.stylegan.networks import (
     Generator,
     ModulatedConv2d,
@@ -200,6 +201,26 @@ def test_loader_round_trip_rosinality_pt_and_safetensors(tmp_path):
         torch.testing.assert_close(again([z], randomize_noise=False)[0], source([z], randomize_noise=False)[0])
     raw = torch.load(tmp_path / "g.pt", weights_only=True)
     assert set(raw) == {"g_ema"} and raw["g_ema"]["conv1.conv.weight"].ndim == 5
+    # safetensors: the generator's tensors only (a strict load_state_dict takes them), latent_avg beside them
+    strict = tiny_generator(seed=5)
+    strict.load_state_dict(load_tensors(tmp_path / "g.safetensors")[0], strict=True)
+    torch.testing.assert_close(read_latent_avg(tmp_path / "g.safetensors"), source.mean_latent(64).reshape(-1))
+    assert read_latent_avg(tmp_path / "g.pt") is None and latent_avg_file(tmp_path / "g.safetensors").name == "g.latent_avg.safetensors"
+
+
+def test_a_generator_file_that_holds_latent_avg_still_loads(tmp_path):
+    # runs written before latent_avg moved beside generator.safetensors kept it inside
+    source = tiny_generator(seed=1)
+    state = {k: v.clone() for k, v in source.state_dict().items()}
+    average = source.mean_latent(64)
+    save_tensors(tmp_path / "generator.safetensors", {**state, "latent_avg": average})
+    target = tiny_generator(seed=2)
+    load_generator(target, tmp_path / "generator.safetensors")
+    for name, tensor in state.items():
+        torch.testing.assert_close(target.state_dict()[name], tensor, msg=name)
+    torch.testing.assert_close(read_latent_avg(tmp_path / "generator.safetensors"), average)
+    torch.save(rosinality_checkpoint(source), tmp_path / "550000.pt")
+    torch.testing.assert_close(read_latent_avg(tmp_path / "550000.pt"), torch.load(tmp_path / "550000.pt")["latent_avg"])
 
 
 def test_backbone_loads_a_file_through_the_spec(tmp_path):

@@ -110,6 +110,7 @@ def test_samples_and_exported_generator_come_from_eval_mode(tmp_path):
     from PIL import Image
 
     from adaptkit.checkpoint import load_tensors
+    from adaptkit_plugins.stylegan.generator import build_generator, latent_avg_file, read_latent_avg
 
     spec = gan_spec(tmp_path)
     spec["methods"] = [{"name": "lora", "rank": 2, "targets": ["conv", "mlp.in", "mlp.out"], "dropout": 0.5}]
@@ -125,8 +126,14 @@ def test_samples_and_exported_generator_come_from_eval_mode(tmp_path):
         assert model.training == (mode == "train")
     samples = [Image.open(tmp_path / mode / "samples.png").tobytes() for mode in ("eval", "train")]
     assert samples[0] == samples[1]
-    latent = [load_tensors(tmp_path / mode / "generator.safetensors")[0]["latent_avg"] for mode in ("eval", "train")]
+    latent = [read_latent_avg(tmp_path / mode / "generator.safetensors") for mode in ("eval", "train")]
     torch.testing.assert_close(latent[1], latent[0])
+    # generator.safetensors is g_ema's tensors exactly (rosinality's strict load_state_dict takes it); latent_avg is beside it
+    written = tmp_path / "eval" / "generator.safetensors"
+    plain = build_generator(model.backbone.config)
+    plain.load_state_dict(load_tensors(written)[0], strict=True)
+    assert set(load_tensors(latent_avg_file(written))[0]) == {"latent_avg"}
+    assert latent[0].shape == (model.backbone.style_dim,)
 
 
 def test_ema_moves_once_per_optimizer_step_and_resumes(tmp_path):

@@ -194,7 +194,7 @@ class StyleGan2TaskModel(TaskModel):
             return []
         self._written = True
         from adaptkit.native import temporarily_merged
-        from adaptkit_plugins.stylegan.generator import save_generator
+        from adaptkit_plugins.stylegan.generator import latent_avg_file, save_generator
 
         files = []
         was_training = self.training
@@ -208,7 +208,7 @@ class StyleGan2TaskModel(TaskModel):
                     with temporarily_merged(self):
                         save_generator(self.backbone.generator, output_dir / "generator.safetensors",
                                        latent_avg=self.backbone.mean_latent(), metadata={"format": "rosinality-stylegan2/g_ema"})
-                    files.append("generator.safetensors")
+                    files += ["generator.safetensors", latent_avg_file("generator.safetensors").name]
         finally:
             self.train(was_training)
         return files

@@ -199,8 +199,8 @@ class StyleGan2Backbone(Backbone):
             "library": "stylegan2 (rosinality stylegan2-pytorch layout)",
             "config": self.config,
             "python": "g = Generator(size, style_dim, n_mlp, channel_multiplier=...)  # rosinality's model.py; "
-            "g.load_state_dict(safetensors.torch.load_file('generator.safetensors'))  # a run's generator.safetensors "
-            "also holds latent_avg (beside g_ema in rosinality's .pt): pop it before a strict load_state_dict",
+            "g.load_state_dict(safetensors.torch.load_file('generator.safetensors'))  # g_ema's tensors only; a run "
+            "keeps latent_avg beside it, in generator.latent_avg.safetensors",
         }
 
     def save_native(self, native: nn.Module, directory: Path, recipe: dict[str, Any]) -> list[str]:
@@ -341,10 +341,42 @@ def load_generator(generator: Generator, path: str | Path, key: str = "g_ema", c
         generator.load_state_dict(state, strict=False)
 
 
+def latent_avg_file(generator_file: str | Path) -> Path:
+    """Where :func:`save_generator` keeps a safetensors generator's ``latent_avg``: beside it, as
+    ``<name>.latent_avg.safetensors`` (``generator.latent_avg.safetensors`` in a stylegan2 run)."""
+    generator_file = Path(generator_file)
+    return generator_file.with_name(f"{generator_file.stem}.latent_avg.safetensors")
+
+
+def read_latent_avg(generator_file: str | Path) -> torch.Tensor | None:
+    """The ``latent_avg`` (mean W) saved with a generator file, None where there is none.
+
+    Read from beside the file (:func:`latent_avg_file`), or from inside it where older runs and
+    rosinality's ``.pt`` keep it.
+
+    Example::
+
+        w_avg = read_latent_avg("runs/gan/generator.safetensors")   # (style_dim,)
+    """
+    generator_file = Path(generator_file)
+    beside = latent_avg_file(generator_file)
+    if generator_file.suffix == ".safetensors" and beside.is_file():
+        return load_tensors(beside)[0]["latent_avg"]
+    if generator_file.suffix == ".safetensors":
+        return load_tensors(generator_file)[0].get("latent_avg")  # a run written before it moved beside
+    try:
+        loaded = torch.load(str(generator_file), map_location="cpu", weights_only=True)
+    except Exception as exc:  # weights_only refuses pickled objects; say so plainly
+        raise CheckpointError(f"{generator_file}: not a weights-only torch file or safetensors ({type(exc).__name__})") from None
+    return loaded.get("latent_avg") if isinstance(loaded, dict) else None
+
+
 def save_generator(generator: Generator, path: str | Path, latent_avg: torch.Tensor | None = None,
                    metadata: dict[str, Any] | None = None) -> Path:
     """Write the generator in rosinality's layout: ``.pt`` as ``{"g_ema": state, "latent_avg": w}``
-    (what stylegan2-pytorch's scripts load), anything else as flat safetensors."""
+    (what stylegan2-pytorch's scripts load), anything else as flat safetensors holding exactly
+    g_ema's tensors (so a strict ``load_state_dict`` takes it), with ``latent_avg`` in its own
+    file beside it (:func:`latent_avg_file`)."""
     from adaptkit.checkpoint import save_tensors
 
     state = {k: v.detach().cpu().clone() for k, v in native_generator_state(generator).items()}
@@ -360,7 +392,7 @@ def save_generator(generator: Generator, path: str | Path, latent_avg: torch.Ten
             torch.save(payload, tmp)
         return path
     if latent_avg is not None:
-        state["latent_avg"] = latent_avg.detach().cpu().reshape(-1)
+        save_tensors(latent_avg_file(path), {"latent_avg": latent_avg.detach().cpu().reshape(-1)})
     return save_tensors(path, state, metadata)
 
 
