@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from adaptkit.rundir import write_text
+
 
 @dataclass
 class WeightsRead:
@@ -140,8 +142,6 @@ def _write_cache(path: Path, cache: dict[str, str]) -> None:
     """Write atomically; a cache that cannot be written only costs the next build a hash."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cache))
-        os.replace(tmp, path)
+        write_text(path, json.dumps(cache))
     except OSError:
         pass

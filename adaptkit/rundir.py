@@ -411,7 +411,7 @@ class RunTransaction:
         self.fingerprint, self.resume, self.overwrite, self.main = fingerprint, resume, overwrite, main
         self.staging = self.out.parent / f".{self.out.name}.staging"
         self.previous: dict[str, Any] | None = None
-        self.replacing = overwrite and not resume and (self.out / RUN_FILE).exists()
+        self.replacing = overwrite and not resume and RunDir.at(self.out).marker_file.exists()
         self.started = False
         self._lock = RunLock(self.out)
         self._term_handler: Any = None
