@@ -31,6 +31,7 @@ import torch
 
 import adaptkit
 from adaptkit.builder import count_parameters
+from adaptkit.rundir import RunDir
 
 PRESETS = {"vit": "vit_tiny_digits", "swin": "swin_tiny_digits"}
 
@@ -66,12 +67,11 @@ def pretrain(backbone: str, out: Path, epochs: int) -> Path:
         train={"epochs": epochs, "lr": 3e-3, "weight_decay": 0.05, "progress": False, "eval_every": 10_000},
     )
     loaded = adaptkit.load_spec(spec)
-    marker = out / loaded.name / "run.json"
-    if marker.exists():
-        run = json.loads(marker.read_text())
-        if run.get("status") == "done" and run.get("spec_fingerprint") == loaded.fingerprint():
-            print(f"{backbone}: reusing {marker.parent}", flush=True)
-            return marker.parent / "adapter.safetensors"
+    previous = RunDir.at(out / loaded.name)
+    marker = previous.read_marker() or {}
+    if marker.get("status") == "done" and marker.get("spec_fingerprint") == loaded.fingerprint():
+        print(f"{backbone}: reusing {previous.path}", flush=True)
+        return previous.adapter
     started = time.perf_counter()
     result = adaptkit.run(loaded, log=lambda *_: None)
     print(f"{backbone}: pretrained on digits 0-4 in {time.perf_counter() - started:.0f} s, "

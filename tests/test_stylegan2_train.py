@@ -69,8 +69,7 @@ def test_short_run_writes_samples_and_a_loadable_generator(tmp_path):
     out = result.output_dir
     for name in ("samples.png", "generator.safetensors", "metrics.json", "adapter.safetensors"):
         assert (out / name).exists(), name
-    assert result.metrics["test"]["mmd"] == pytest.approx(result.metrics["test"]["mmd"])  # a number, not NaN
-    assert math.isfinite(result.metrics["test"]["mmd"])  # (approx to itself also passes for inf)
+    assert math.isfinite(result.metrics["test"]["mmd"])  # a number: not NaN, not inf (approx to itself passed for inf)
     state = read_generator_file(out / "generator.safetensors")
     assert state["conv1.conv.weight"].ndim == 5
     # the written generator is the EMA one, and loads as a backbone
