@@ -67,7 +67,7 @@ def test_training_step_updates_generator_and_discriminator_and_ema(tmp_path):
 def test_short_run_writes_samples_and_a_loadable_generator(tmp_path):
     result = adaptkit.run(gan_spec(tmp_path), log=lambda *_: None)
     out = result.output_dir
-    for name in ("samples.png", "generator.safetensors", "metrics.json", "adapter.safetensors"):
+    for name in ("samples.png", "generator.safetensors", "generator.latent_avg.safetensors", "metrics.json", "adapter.safetensors"):
         assert (out / name).exists(), name
     assert math.isfinite(result.metrics["test"]["mmd"])  # a number: not NaN, not inf (approx to itself passed for inf)
     state = read_generator_file(out / "generator.safetensors")
