@@ -36,13 +36,13 @@ def adaptkit_commands(commands: Any) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
 
 
-def _load(args: argparse.Namespace) -> tuple[Any, Path | None]:
+def _load(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The edit spec (with the flags' changes) and the run directory or spec file it came from (a RunDir)."""
     from adaptkit.errors import SpecError
     from adaptkit.rundir import RunDir
     from adaptkit.spec import validate_spec
 
     run = RunDir.locate(args.spec, need_adapter=False)
-    adapter = run.adapter
     source = str(run.spec_file)
     spec = run.load_spec(list(args.overrides or []))
     if spec.task.name != EDIT_TASK:
@@ -57,7 +57,7 @@ def _load(args: argparse.Namespace) -> tuple[Any, Path | None]:
         raw = spec.to_dict()
         raw["task"].update(changes)
         spec = validate_spec(raw, source=source)
-    return spec, adapter
+    return spec, run
 
 
 def _read_w(path: str) -> Any:
@@ -120,7 +120,8 @@ def main(args: argparse.Namespace) -> int:
 
     out = _check_outputs(args)
     alphas = _alphas(args.alphas)
-    spec, adapter = _load(args)
+    spec, run = _load(args)
+    adapter = run.adapter
     if spec.train.threads:
         torch.set_num_threads(spec.train.threads)
     model = build(spec)
@@ -132,7 +133,7 @@ def main(args: argparse.Namespace) -> int:
     if adapter is not None and any(p.requires_grad for p in model.parameters()):
         model.remember_initial()
         load_adapter(model, adapter)
-    elif mode == "generator" and Path(args.spec).is_dir():
+    elif mode == "generator" and run.is_run:
         raise RunError(
             f"{args.spec}: this generator-mode run has no adapter.safetensors (has it finished?); "
             "finish it with `adaptkit run` (train.resume=true continues it) before editing with it"
