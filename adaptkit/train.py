@@ -344,7 +344,8 @@ class Trainer:
         return record
 
     def _finish(self, model: TaskModel, result: TrainResult, progress: _Progress) -> TrainResult:
-        """After the last step: the task's final weights (EMA), whole again, and checked."""
+        """After the last step: the task's final weights (EMA), and the trained tensors whole (gathered
+        under fsdp, where the base stays sharded for the final evaluation) and checked."""
         if result.skipped and self.dist.main:
             self.log(f"data: skipped {result.skipped} unreadable training samples (each replaced by the next readable one)")
         if isinstance(model, KeepsTrainingState):
