@@ -112,20 +112,28 @@ def base_fingerprint(backbone: Any, files: list[Path], key: str) -> str:
     from adaptkit.checkpoint import fingerprint
 
     if not files:
-        return fingerprint(backbone.base_state_dict())
+        return fingerprint(_base_state(backbone))
     try:
         entry = file_key(files, key)
     except OSError:  # a file vanished after loading: nothing to key on
-        return fingerprint(backbone.base_state_dict())
+        return fingerprint(_base_state(backbone))
     path = cache_dir() / CACHE_FILE
     cache = _read_cache(path)
     if entry in cache:
         return cache[entry]
-    value = fingerprint(backbone.base_state_dict())
+    value = fingerprint(_base_state(backbone))
     cache.pop(entry, None)
     cache[entry] = value
     _write_cache(path, dict(list(cache.items())[-MAX_ENTRIES:]))
     return value
+
+
+def _base_state(backbone: Any) -> Any:
+    """The backbone's base weights; those still on the meta device are read from their files one at a time."""
+    from adaptkit.deferred import WholeValues, is_deferred
+
+    state = backbone.base_state_dict()
+    return WholeValues(state, backbone) if is_deferred(backbone) else state
 
 
 def _read_cache(path: Path) -> dict[str, str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 from collections.abc import Collection, Mapping
@@ -14,6 +15,7 @@ from adaptkit.backbone import Backbone
 from adaptkit.base_fingerprint import base_fingerprint, recording_weights_files
 from adaptkit.compat import check_spec
 from adaptkit.data import DataBundle, DataInfo
+from adaptkit.deferred import deferring, unsourced
 from adaptkit.errors import AdaptkitError, CompatibilityError, DataError, PluginError
 from adaptkit.method import AppliedMethod
 from adaptkit.precision import resolve_dtype, store_frozen
@@ -58,6 +60,8 @@ class BuildInfo:
     data: DataBundle | None = None
     #: the dtype the frozen base weights are stored in (``backbone.dtype``)
     base_dtype: torch.dtype = torch.float32
+    #: how the base was built when deferring it was asked for (``build(defer_base=True)``); "" otherwise
+    base_build: str = ""
 
 
 def seed_everything(seed: int) -> None:
@@ -71,12 +75,22 @@ def seed_everything(seed: int) -> None:
         pass
 
 
-def build(spec: RunSpec | dict[str, Any] | str, registry: Registry | None = None, keep_data: bool = False) -> TaskModel:
+def build(spec: RunSpec | dict[str, Any] | str, registry: Registry | None = None, keep_data: bool = False,
+          defer_base: bool = False) -> TaskModel:
     """Build the model a spec describes, with its methods applied.
 
     Returns the task model (an ``nn.Module``); ``model.adaptkit`` holds the spec,
     the base-weights fingerprint, the applied methods and the data description.
     Only parameters the methods own (and new task modules) require gradients.
+
+    ``defer_base`` (``train.strategy: fsdp`` under torchrun) leaves the frozen base weights on
+    the meta device when every one of them is read from a safetensors file, for each process
+    to read only its shard once FSDP has sharded the model (:mod:`adaptkit.deferred`);
+    otherwise the whole model is built, and ``model.adaptkit.base_build`` says why.
+
+    What the task and the methods create (heads, LoRA factors, prompts) is initialised from
+    a generator seeded by the spec's seed alone, after the backbone is built: the same values
+    whether the base was initialised, read from a file or left on the meta device.
     """
     from adaptkit.registry import registry as default_registry
 
@@ -85,16 +99,46 @@ def build(spec: RunSpec | dict[str, Any] | str, registry: Registry | None = None
     problems = check_spec(spec, reg)
     if problems:
         raise CompatibilityError("; ".join(problems))
+    if defer_base:
+        try:
+            return _build(spec, reg, keep_data, defer=True)
+        except NotDeferrable as exc:
+            model = _build(spec, reg, keep_data, defer=False)
+            model.adaptkit.base_build = f"every process built the whole model ({exc})"
+            return model
+    return _build(spec, reg, keep_data, defer=False)
 
+
+class NotDeferrable(Exception):
+    """A base weight that cannot wait on the meta device (see :func:`adaptkit.deferred.unsourced`)."""
+
+
+def trainables_seed(seed: int) -> int:
+    """The seed of what the task and the methods create, drawn apart from the backbone's own seed."""
+    return (seed * 1_000_003 + 104_729) % (2**31 - 1)
+
+
+def _build(spec: RunSpec, reg: Registry, keep_data: bool, defer: bool) -> TaskModel:
     seed_everything(spec.seed)
     ctx = BuildContext(spec=spec, registry=reg)
     backbone_record = reg.get("backbone", spec.backbone.name)
-    with recording_weights_files() as weights_read:
-        backbone = call_factory(reg, backbone_record, spec.backbone, ctx)
+    with recording_weights_files() as weights_read, (deferring() if defer else contextlib.nullcontext()):
+        try:
+            backbone = call_factory(reg, backbone_record, spec.backbone, ctx)
+        except (Exception, SystemExit) as exc:
+            if not defer:
+                raise
+            # a library that moves or computes with its weights while creating the model (open_clip's
+            # create_model calls .to(device)); a real error is raised again by the whole build
+            raise NotDeferrable(f"the backbone cannot be created on the meta device: {type(exc).__name__}") from exc
+    if defer and (reason := unsourced(backbone)) is not None:
+        raise NotDeferrable(reason)
     backbone.registered_name = backbone_record.name
     ctx.backbone = backbone
     # hashed once per weights file, then cached (the params and seed decide what the files do not hold)
     base_fp = base_fingerprint(backbone, weights_read.files, key=json.dumps([spec.backbone.model_dump(mode="json"), spec.seed], sort_keys=True))
+    # the backbone's initialisation drew from the global generator (or nothing, on the meta device)
+    seed_everything(trainables_seed(spec.seed))
 
     data = call_factory(reg, reg.get("data", spec.data.name), spec.data, ctx)
     model: TaskModel = call_factory(reg, reg.get("task", spec.task.name), spec.task, backbone, data.info, ctx)
@@ -105,10 +149,15 @@ def build(spec: RunSpec | dict[str, Any] | str, registry: Registry | None = None
     surface = model.surface
     for params in spec.methods:
         applied.append(call_factory(reg, reg.get("method", params.name), params, surface, ctx))
+    if defer and (reason := unsourced(model)) is not None:  # a task or method computed something from the base
+        raise NotDeferrable(reason)
     # the base in the spec's dtype now that the methods have made trainable (fp32) what they train
     dtype = resolve_dtype(spec, weights_read.stored_dtype())
     store_frozen(model.backbone, dtype)
     model.adaptkit = BuildInfo(spec, base_fp, applied, data.info, data if keep_data else None, dtype)
+    if defer:
+        files = ", ".join(path.name for path in weights_read.files)
+        model.adaptkit.base_build = f"base weights left on the meta device; each process reads its shard of {files}"
     return model
 
 

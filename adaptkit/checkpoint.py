@@ -174,8 +174,13 @@ def _load_weights(path: Path) -> dict[str, torch.Tensor]:
             raise CheckpointError(f"{path}: directory holds no model.safetensors, *.safetensors or pytorch_model.bin")
         path = found
     _require_file(path)
-    state = _read_weights_file(path)
+    from adaptkit import deferred
     from adaptkit.base_fingerprint import note_weights_file
+
+    if deferred.active() and (path.suffix == ".safetensors" or _looks_like_safetensors(path)):
+        state = deferred.lazy_safetensors(path)  # meta tensors: each process reads its shard later
+    else:
+        state = _read_weights_file(path)
 
     note_weights_file(path, {t.dtype for t in state.values() if t.is_floating_point()})
     return state
@@ -261,8 +266,10 @@ def check_pretrained_state(state: dict[str, torch.Tensor], own: dict[str, torch.
         )
 
 
-def save_adapter(model: nn.Module, path: str | Path, extra_metadata: dict[str, Any] | None = None) -> Path:
-    """Save the trainable state of a built model with its spec and base fingerprint."""
+def save_adapter(model: nn.Module, path: str | Path, extra_metadata: dict[str, Any] | None = None,
+                 state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Save the trainable state of a built model (or ``state``, the same tensors whole: what a
+    sharded model's processes gathered) with its spec and base fingerprint."""
     info = getattr(model, "adaptkit", None)
     metadata: dict[str, Any] = {"format": FORMAT}
     if info is not None:
@@ -277,7 +284,7 @@ def save_adapter(model: nn.Module, path: str | Path, extra_metadata: dict[str, A
             }
         )
     metadata.update(extra_metadata or {})
-    return save_tensors(path, trainable_state(model), metadata)
+    return save_tensors(path, trainable_state(model) if state is None else state, metadata)
 
 
 def load_adapter(model: nn.Module, path: str | Path, check_base: bool = True) -> dict[str, str]:

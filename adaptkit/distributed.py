@@ -82,23 +82,40 @@ def shard_model(model: torch.nn.Module, device: torch.device, info: DistInfo) ->
     """Shard ``model`` in place with FSDP2 over all processes: one unit per block the
     model's adaptation surface lists (every tower's ``blocks``), plus the root for the
     rest (embeddings, norms, heads). Frozen and trainable parameters may share a unit.
+    A model built with its base on the meta device (``build(defer_base=True)``) is sharded
+    there and each process then reads only its rows of every base weight from the files.
     Returns the number of block units."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     from adaptkit.blocks import surface_blocks
+    from adaptkit.deferred import fill_shards, is_deferred, keep_real, sources
     from adaptkit.errors import RunError
 
     if not fsdp_available():  # pragma: no cover - depends on the torch build
         raise RunError("train.strategy is 'fsdp' but this torch has no torch.distributed.fsdp.fully_shard; use strategy ddp")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    deferred = is_deferred(model)
+    if deferred:  # base weights on the meta device: shard everything there, then fill in each process's rows
+        kept, found = keep_real(model), sources(model)
+        model.to("meta")
     mesh = init_device_mesh(device.type, (info.world,))
     blocks = surface_blocks(model)
     for block in blocks:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
+    if deferred:
+        model.to_empty(device=device)
+        fill_shards(model, kept, found, info.rank, info.world)
     return len(blocks)
+
+
+def local_numel(model: torch.nn.Module) -> int:
+    """How many parameter values this process holds (its shards of sharded parameters)."""
+    from torch.distributed.tensor import DTensor
+
+    return sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in model.parameters())
 
 
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
@@ -132,16 +149,6 @@ class unsharded_root:
     def __exit__(self, *args: object) -> None:
         if _is_fsdp(self.model):
             self.model.reshard()
-
-
-def unshard_for_good(model: torch.nn.Module) -> None:
-    """Leave every FSDP unit gathered (whole parameters on every process) and stop
-    re-sharding after forward, so that what runs after training (final evaluation,
-    rank 0 saving the adapter) sees plain whole tensors. Collective."""
-    for module in model.modules():
-        if _is_fsdp(module):
-            module.unshard()
-            module.set_reshard_after_forward(False, recurse=False)
 
 
 def _is_fsdp(module: torch.nn.Module) -> bool:

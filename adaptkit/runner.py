@@ -75,16 +75,19 @@ def _run_in(rundir: RunTransaction, spec: RunSpec, reg: Any, device: Any, dist: 
     from adaptkit.builder import build, count_parameters, recommended
     from adaptkit.checkpoint import save_adapter
     from adaptkit.data import InputConfig, LoaderOptions
+    from adaptkit.deferred import fill_whole
+    from adaptkit.distributed import unsharded_root
     from adaptkit.plots import plot_curves
     from adaptkit.task import TaskModel
     from adaptkit.train import STATE_FILE, Trainer, check_resumable, evaluate
 
     # build before marking the directory as a run: a spec that cannot build (missing weights,
     # bad data) leaves no half-started run behind that a second try would have to --overwrite
-    model = build(spec, registry=reg, keep_data=True)
+    # under fsdp the base may wait on the meta device, for each process to read only its shard
+    model = build(spec, registry=reg, keep_data=True, defer_base=spec.train.strategy == "fsdp" and dist.enabled)
     out = rundir.work
-    if spec.train.resume:
-        check_resumable(out / STATE_FILE)  # a damaged checkpoint: refused before run.json changes
+    # a damaged checkpoint: refused before run.json changes; what was read is restored from, not read again
+    saved = check_resumable(out / STATE_FILE) if spec.train.resume else None
     data = model.adaptkit.data
     preprocess = data.info.extra.get("preprocess")
     rundir.start(spec.to_yaml(), {"name": spec.name, "adaptkit_version": __version__,
@@ -109,15 +112,17 @@ def _run_in(rundir: RunTransaction, spec: RunSpec, reg: Any, device: Any, dist: 
     resumed_from = 0
     skipped: dict[str, int] = {}
     trainer = None
+    trained = None
     if trainable:
         trainer = Trainer(model, data, spec.train, seed=spec.seed, lr=lr, weight_decay=weight_decay, output_dir=out,
                           device=device, dist=dist, spec_fingerprint=spec.fingerprint(), log=say, loader=loader,
-                          spec=spec, registry=reg)
+                          spec=spec, registry=reg, saved=saved)
         fitted = trainer.fit()
-        history, train_seconds, resumed_from = fitted.history, fitted.seconds, fitted.resumed_from
+        history, train_seconds, resumed_from, trained = fitted.history, fitted.seconds, fitted.resumed_from, fitted.trained
         skipped["train"] = fitted.skipped
     else:
         say("nothing to train (no method adds or unfreezes parameters): evaluating only")
+        fill_whole(model)
         model.to(device)
 
     from adaptkit.precision import compute_context
@@ -128,12 +133,13 @@ def _run_in(rundir: RunTransaction, spec: RunSpec, reg: Any, device: Any, dist: 
         dataset = getattr(data, split)
         if dataset is not None and len(dataset):
             kept = trainer.eval_loader(split) if trainer is not None else None
-            final[split] = evaluate(model, dataset, eval_bs, device, lambda: compute_context(model, device.type, spec.train.precision),
-                                    options=loader, loader=kept)
+            with unsharded_root(model):  # under fsdp every process evaluates with the model still sharded
+                final[split] = evaluate(model, dataset, eval_bs, device, lambda: compute_context(model, device.type, spec.train.precision),
+                                        options=loader, loader=kept)
             skipped[split] = int(final[split].pop("skipped", 0)) if isinstance(final[split], dict) else 0
     files: list[str] = []
     if dist.main:
-        save_adapter(model, rundir.run.adapter)
+        save_adapter(model, rundir.run.adapter, state=trained)
         files.append(rundir.run.adapter.name)
         for split, metrics in final.items():
             files += model.write_artifacts(metrics, out, split)

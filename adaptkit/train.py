@@ -24,7 +24,8 @@ from adaptkit.blocks import checkpoint_blocks, compile_blocks
 from adaptkit.capabilities import KeepsTrainingState
 from adaptkit.checkpoint import first_non_finite, load_tensors, save_tensors
 from adaptkit.data import BatchDataset, DataBundle, LoaderOptions, PlannedLoader, SequentialPlan, to_device
-from adaptkit.distributed import DistInfo, full_tensor, like, shard_model, unshard_for_good, unsharded_root
+from adaptkit.deferred import fill_whole, is_deferred
+from adaptkit.distributed import DistInfo, full_tensor, like, local_numel, shard_model, unsharded_root
 from adaptkit.errors import CheckpointError, RunError
 from adaptkit.precision import compute_context
 from adaptkit.records import RunInfo
@@ -42,6 +43,8 @@ class TrainResult:
     resumed_from: int = 0
     #: unreadable samples skipped while training (replaced by the next readable ones), over all processes
     skipped: int = 0
+    #: the trained tensors, whole (gathered from every process under fsdp), by parameter name: what the adapter file holds
+    trained: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def _generator(seed: int, epoch: int, stream: int) -> torch.Generator:
@@ -171,6 +174,7 @@ class Trainer:
         loader: LoaderOptions | None = None,
         spec: Any = None,
         registry: Any = None,
+        saved: SavedState | None = None,
     ) -> None:
         if data.train is None or len(data.train) == 0:
             raise RunError("the data source has no training samples")
@@ -183,6 +187,8 @@ class Trainer:
 
             registry = default_registry()
         self.spec, self.registry = spec, registry
+        #: the checkpoint to resume from, already read by check_resumable (None: read it when resuming)
+        self.saved = saved
         #: the experiment loggers the lifecycle hooks reach besides every plugin's own hooks
         self.loggers = list(train.loggers if train.loggers is not None else registry.default_loggers)
         n = len(data.train)
@@ -244,13 +250,17 @@ class Trainer:
     # ----------------------------------------------------------------- the parts of fit
     def _prepare_model(self) -> TaskModel:
         """The model on its device in train mode, sharded under fsdp."""
-        model = self.model.to(self.device)
+        self.fsdp = self.cfg.strategy == "fsdp" and self.dist.enabled
+        model = self.model
+        if not self.fsdp:
+            fill_whole(model)  # a model built with its base on the meta device, trained unsharded after all
+        if not is_deferred(model):  # (a deferred base reaches the device shard by shard)
+            model = model.to(self.device)
         model.train()
         if self.cfg.gradient_checkpointing:
             checkpoint_blocks(model)
         if self.cfg.compile:
             compile_blocks(model)
-        self.fsdp = self.cfg.strategy == "fsdp" and self.dist.enabled
         if self.cfg.strategy == "fsdp" and not self.dist.enabled:
             self.log("train.strategy is fsdp but this is one process (not launched with torchrun): nothing to shard, training as a plain loop")
         if self.fsdp:
@@ -260,10 +270,12 @@ class Trainer:
                     "trained ones (EMA), which fsdp does not shard; use train.strategy=ddp (or auto)"
                 )
             units = shard_model(model, self.device, self.dist)
-            # fully_shard replaces the parameters with sharded ones (same names)
-            self.trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
             if self.dist.main:
-                self.log(f"fsdp: {units} blocks and the root sharded over {self.dist.world} processes")
+                built = model.adaptkit.base_build or "every process built the whole model"
+                self.log(f"fsdp: {units} blocks and the root sharded over {self.dist.world} processes; {built}; "
+                         f"process 0 holds {local_numel(model):,} of {sum(p.numel() for p in model.parameters()):,} parameter values")
+        # sharding (and filling in a deferred base) replaces parameters with new ones of the same names
+        self.trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
         return model
 
     def _start_or_resume(self, optimizer: torch.optim.Optimizer) -> tuple[TrainResult, _Progress]:
@@ -332,14 +344,15 @@ class Trainer:
         return record
 
     def _finish(self, model: TaskModel, result: TrainResult, progress: _Progress) -> TrainResult:
-        """After the last step: the task's final weights (EMA), whole again, and checked."""
+        """After the last step: the task's final weights (EMA), and the trained tensors whole (gathered
+        under fsdp, where the base stays sharded for the final evaluation) and checked."""
         if result.skipped and self.dist.main:
             self.log(f"data: skipped {result.skipped} unreadable training samples (each replaced by the next readable one)")
         if isinstance(model, KeepsTrainingState):
             model.finish_training()
-        if self.fsdp:
-            unshard_for_good(model)
-        check_finite_state({name: p for name, p in model.named_parameters() if p.requires_grad}, self.total_steps)
+        # whole tensors of what trained only (gathered from the shards under fsdp, collectively): the base stays sharded
+        result.trained = {name: full_tensor(p.detach()) for name, p in self.trainable}
+        check_finite_state(result.trained, self.total_steps)
         result.steps = self.total_steps
         result.seconds = progress.seconds()
         return result
@@ -425,10 +438,11 @@ class Trainer:
 
     def _restore(self, optimizer: torch.optim.Optimizer) -> tuple[int, list[dict[str, Any]], float, int, float, int] | None:
         path = self.output_dir / STATE_FILE
-        if not path.exists():
+        saved = self.saved if self.saved is not None and self.saved.path == path else read_state(path)
+        self.saved = None  # (its tensors are not kept past the restore)
+        if saved is None:
             return None
-        tensors, raw = load_tensors(path)
-        meta = state_metadata(raw, path)
+        tensors, meta = saved.tensors, saved.meta
         if meta["spec_fingerprint"] and self.spec_fingerprint and meta["spec_fingerprint"] != self.spec_fingerprint:
             raise CheckpointError(
                 f"{path}: the checkpoint belongs to a different spec; resume with the spec that started the run, "
@@ -491,10 +505,27 @@ def state_metadata(raw: dict[str, str], path: Path) -> dict[str, Any]:
     return meta
 
 
-def check_resumable(path: Path) -> None:
-    """Refuse a checkpoint that cannot be resumed (damaged file or metadata) before anything is written; none is fine."""
-    if path.exists():
-        state_metadata(load_tensors(path)[1], path)
+@dataclass
+class SavedState:
+    """A training checkpoint, read and verified: its tensors and parsed metadata."""
+
+    path: Path
+    tensors: dict[str, torch.Tensor]
+    meta: dict[str, Any]
+
+
+def read_state(path: Path) -> SavedState | None:
+    """The checkpoint at ``path`` read and verified (hash, finite values, metadata), or None when there is none."""
+    if not path.exists():
+        return None
+    tensors, raw = load_tensors(path)
+    return SavedState(path, tensors, state_metadata(raw, path))
+
+
+def check_resumable(path: Path) -> SavedState | None:
+    """Refuse a checkpoint that cannot be resumed (damaged file or metadata) before anything is written; none is fine.
+    Returns what it read, for ``Trainer(saved=...)`` to restore from without reading the file again."""
+    return read_state(path)
 
 
 def check_finite_state(tensors: dict[str, torch.Tensor], step: int) -> None:

@@ -126,6 +126,91 @@ def test_fsdp_resume_after_a_crash_matches_one(tmp_path, single):
     assert_same_adapter(single, tmp_path / "fsdp_resumed")
 
 
+# what each process holds once sharded, and (gathered, whole) the trained tensors before the first step
+RECORDING_CLI = """
+import json, os, sys
+import torch
+from safetensors.torch import save_file
+from adaptkit.cli import main
+from adaptkit.deferred import is_deferred
+from adaptkit.distributed import full_tensor
+from adaptkit.train import Trainer
+
+original = Trainer._prepare_model
+
+def recording(self):
+    deferred = is_deferred(self.model)
+    model = original(self)
+    frozen = [p for p in model.backbone.parameters() if not p.requires_grad]
+    local = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in frozen)
+    record = {"deferred": deferred, "local": local, "total": sum(p.numel() for p in frozen)}
+    folder = os.environ["RECORD_DIR"]
+    with open(os.path.join(folder, f"rank{self.dist.rank}.json"), "w") as handle:
+        json.dump(record, handle)
+    initial = {name: full_tensor(p.detach()).clone() for name, p in self.trainable}
+    if self.dist.main:
+        save_file(initial, os.path.join(folder, "initial.safetensors"))
+    return model
+
+Trainer._prepare_model = recording
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def base_file(tmp_path: Path) -> str:
+    """The tiny ViT's base weights in a safetensors file, as a downloaded checkpoint holds them."""
+    from safetensors.torch import save_file
+
+    spec = fsdp_spec(tmp_path, "base")
+    spec["methods"] = []
+    net = adaptkit.build(spec).backbone.net
+    path = tmp_path / "base.safetensors"
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
+    return str(path)
+
+
+def val_losses(run_dir: Path) -> list[float]:
+    """The validation loss of every evaluation (each process evaluates the whole split; the train
+    loss logged is process 0's share of the batches)."""
+    return [json.loads(line)["val_loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def test_fsdp_reads_only_its_shard_of_a_weights_file_and_matches_one_process(tmp_path, monkeypatch):
+    """With the base in a safetensors file, each process builds the model on the meta device and
+    reads only its rows of each base weight: about half the frozen base per process, the same
+    initial trained tensors (heads and LoRA factors do not depend on the base's initialisation),
+    the same losses and the same adapter as one process."""
+    from safetensors.torch import load_file
+
+    spec = fsdp_spec(tmp_path, "single_file")
+    spec["backbone"]["pretrained"] = base_file(tmp_path)
+    reference = adaptkit.build(spec)
+    initial = {name: p.detach() for name, p in reference.named_parameters() if p.requires_grad}
+    adaptkit.run(spec, log=lambda line: None)
+
+    sharded = {**spec, "output": {"dir": str(tmp_path / "fsdp_file")}}
+    cli = tmp_path / "record.py"
+    cli.write_text(RECORDING_CLI)
+    monkeypatch.setenv("RECORD_DIR", str(tmp_path))
+    done = torchrun(tmp_path, sharded, cli=[str(cli)])
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert "base weights left on the meta device; each process reads its shard of base.safetensors" in done.stdout
+    for rank in (0, 1):
+        record = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert record["deferred"], record
+        assert 0.4 * record["total"] <= record["local"] <= 0.6 * record["total"], record
+    gathered = load_file(str(tmp_path / "initial.safetensors"))
+    assert sorted(gathered) == sorted(initial)
+    for name, value in initial.items():
+        torch.testing.assert_close(gathered[name], value, rtol=0, atol=0)
+    torch.testing.assert_close(torch.tensor(val_losses(tmp_path / "fsdp_file")), torch.tensor(val_losses(tmp_path / "single_file")),
+                               rtol=1e-4, atol=1e-5)
+    assert_same_adapter(tmp_path / "single_file", tmp_path / "fsdp_file")
+    a = json.loads((tmp_path / "single_file" / "metrics.json").read_text())
+    b = json.loads((tmp_path / "fsdp_file" / "metrics.json").read_text())
+    assert a["test"]["accuracy"] == b["test"]["accuracy"]
+
+
 def test_strategy_is_validated_and_not_part_of_the_fingerprint(tmp_path):
     plain = load_spec(tiny_vit_spec(tmp_path))
     assert plain.train.strategy == "auto"

@@ -59,7 +59,10 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path, monkeypatch
     with pytest.raises(RunError, match="already holds a run"):
         adaptkit.run(spec_for(tmp_path, "crashed"), **quiet)
 
+    reads = []
+    monkeypatch.setattr("adaptkit.train.load_tensors", lambda path, *args: reads.append(path) or load_tensors(path, *args))
     resumed = adaptkit.run(spec_for(tmp_path, "crashed", resume=True), **quiet)
+    assert [path.name for path in reads] == ["state.safetensors"]  # checked, then restored from, in one read
     assert json.loads((crashed / "metrics.json").read_text())["resumed_from_step"] == 8
     for key, value in adapter(whole.output_dir).items():
         assert torch.equal(value, adapter(crashed)[key]), key

@@ -30,6 +30,7 @@ from torch import nn
 
 from adaptkit.backbone import Backbone
 from adaptkit.checkpoint import check_pretrained_state, hub_directory, is_local_path, load_weights
+from adaptkit.deferred import load_base_state
 from adaptkit.errors import CheckpointError, DataError, PluginError, did_you_mean
 from adaptkit.sites import SequenceTokenSite, index_layers
 from adaptkit.surface import AttentionSite, BlockSite, LayerSite, Surface, TextSite, Tower
@@ -279,8 +280,7 @@ class ClipBackbone(ClipNative, Backbone):
                 break
         state = from_native(state)
         check_pretrained_state(state, self.net.state_dict(), path)
-        with torch.no_grad():
-            self.net.load_state_dict(state, strict=True)
+        load_base_state(self.net, state)
 
     def native_state_dict(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Our state-dict names (``net.…attn.in_proj.weight``) -> open_clip's (``…attn.in_proj_weight``)."""

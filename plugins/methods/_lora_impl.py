@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adaptkit.deferred import new_parameter_device
 from adaptkit.errors import CompatibilityError
 from adaptkit.method import AppliedMethod, LowRankUpdate
 from adaptkit.surface import LayerSite, Surface
@@ -42,7 +43,7 @@ class LoraDelta(nn.Module):
         self.ranges = [p if p is not None else (0, out_total) for p in parts]
         self.rank, self.scale = rank, scale
         self.conv = isinstance(layer, nn.Conv2d)
-        factory = {"device": layer.weight.device, "dtype": layer.weight.dtype}
+        factory = {"device": new_parameter_device(layer.weight), "dtype": layer.weight.dtype}
         a_shape = (len(self.ranges) * rank, *layer.weight.shape[1:])
         self.lora_a = nn.Parameter(torch.empty(a_shape, **factory))
         self.lora_b = nn.Parameter(torch.zeros(sum(b - a for a, b in self.ranges), rank, **factory))

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adaptkit import deferred
 from adaptkit.backbone import Backbone
 from adaptkit.sites import gated_attention, index_layers, prepend_kv
 from adaptkit.surface import AttentionSite, BlockSite, LayerSite, Surface, Tower
@@ -37,7 +38,10 @@ class SwinBackbone(common.TimmNative, Backbone):
     def create(cls, params: Any, ctx: Any) -> "SwinBackbone":
         from timm.models.swin_transformer import SwinTransformer
 
-        return cls(common.create(params, ctx, "swin", SwinTransformer))
+        net = common.create(params, ctx, "swin", SwinTransformer)
+        if deferred.active():
+            shifted_window_masks(net)
+        return cls(net)
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(images)
@@ -123,3 +127,13 @@ def _install_window_attention(site: AttentionSite) -> None:
         return attn.proj_drop(attn.proj(out))
 
     attn.forward = forward
+
+
+def shifted_window_masks(net: nn.Module) -> None:
+    """Recompute the shifted-window attention masks of a Swin built with its weights on the meta
+    device: timm derives them on the device of the block's norm weight, so they came out empty,
+    and no weights file holds them (non-persistent buffers)."""
+    for module in net.modules():
+        mask = module._buffers.get("attn_mask")
+        if mask is not None and mask.is_meta:
+            module.register_buffer("attn_mask", module.get_attn_mask(device=torch.device("cpu"), dtype=torch.float32), persistent=False)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from adaptkit.checkpoint import check_pretrained_state, hub_directory, is_local_path, load_weights
+from adaptkit.deferred import load_base_state
 from adaptkit.errors import CheckpointError, PluginError, did_you_mean
 from adaptkit.surface import LayerSite
 
@@ -186,8 +187,7 @@ def load_local(net: nn.Module, path: str) -> None:
         if key not in own:
             state.pop(key)
     check_pretrained_state(state, own, path)
-    with torch.no_grad():
-        net.load_state_dict(state, strict=True)
+    load_base_state(net, state)
 
 
 def block_layer_sites(prefix: str, block: nn.Module) -> list[LayerSite]:
