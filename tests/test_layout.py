@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parent.parent
 #: registered names that are also plain words of the core's vocabulary ("the adapter file", "a prompt"):
 #: for these only a string that is exactly the name counts (what `if name == "full"` would be)
 ORDINARY_WORDS = {"adapter", "full", "prefix", "prompt", "captions", "classification", "shards", "digits", "contrastive",
-                  "jsonl", "diffusers"}  # (jsonl: the extension of metrics.jsonl, a file the core reads; diffusers: a library)
+                  "jsonl", "diffusers", "peft"}  # (jsonl: the extension of metrics.jsonl, a file the core reads;
+#                                   diffusers, peft: libraries the core reads and writes the files of)
 
 
 def built_in_names() -> set[str]:

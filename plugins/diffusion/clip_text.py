@@ -6,8 +6,10 @@ compute them (tokens padded to the tokenizer's ``model_max_length``, causal atte
 final layer norm). :class:`PipelineText` runs those steps itself so that the surface's
 sites can act between them:
 
-- the token site (:class:`PipelineTextTokens`): CoOp-style context after the start
-  token, before position embeddings, and learned placeholder words (textual inversion,
+- the token site (:class:`PipelineTextTokens`): learned context tokens after the start
+  token (CoOp-style; they join after the position embeddings, so the prompt keeps all
+  its positions, and leave again after the final norm, so the UNet attends to the
+  pipeline's usual sequence length), and learned placeholder words (textual inversion,
   :class:`adaptkit.surface.PlaceholderSite`);
 - attention sites: extra keys/values through an attention function registered with
   transformers' own ``AttentionInterface`` (its extension point for attention), used
@@ -24,23 +26,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adaptkit.sites import gated_attention, index_layers, prepend_kv
+from adaptkit.sites import SequenceTokenSite, gated_attention, index_layers, prepend_kv
 from adaptkit.surface import AttentionSite, BlockSite, LayerSite, TextSite, Tower
-from adaptkit_plugins.clip.text_site import TextTokenSite
 
 #: roles of the text tower (the same as the clip backbone's text tower)
 TEXT_ROLES = frozenset({"attn.q", "attn.k", "attn.v", "attn.out", "mlp.in", "mlp.out"})
 SITE_ATTENTION = "adaptkit_sites"
 
 
-class PipelineTextTokens(TextTokenSite):
-    """Context tokens (CoOp) and placeholder words (textual inversion) of a CLIPTextModel."""
+class PipelineTextTokens(SequenceTokenSite):
+    """Context tokens (after the start token) and placeholder words (textual inversion) of a CLIPTextModel."""
 
     def __init__(self, text: "PipelineText") -> None:
         model = text.model
-        super().__init__(dim=model.config.hidden_size, blocks=list(model.encoder.layers),
-                         token_embedding=model.embeddings.token_embedding, tokenize=text.tokenize)
+        super().__init__(dim=model.config.hidden_size, entry=model.embeddings, blocks=list(model.encoder.layers),
+                         exit=model.final_layer_norm, insert_at=1)
         self._text = text
+        self._token_embedding = model.embeddings.token_embedding
         self.placeholders: dict[int, nn.Parameter] = {}
 
     # PlaceholderSite -----------------------------------------------------------
@@ -110,10 +112,8 @@ class PipelineText:
         model = self.model
         device = model.embeddings.token_embedding.weight.device
         ids = self.tokenize(self.site.apply(list(prompts))).to(device)
-        x = self.tokens.embed(ids)
-        x, _ = self.tokens.insert(x, torch.zeros(len(ids), dtype=torch.long, device=device), "none")
+        x = model.embeddings(inputs_embeds=self.tokens.embed(ids))  # (+ the token site's context)
         length = x.shape[1]
-        x = x + model.embeddings.position_embedding(model.embeddings.position_ids[:, :length])
         mask = torch.full((length, length), torch.finfo(x.dtype).min, device=device, dtype=x.dtype).triu(1)[None, None]
         for layer in model.encoder.layers:
             x = layer(x, mask)
