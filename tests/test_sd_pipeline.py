@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -236,3 +237,25 @@ def test_export_diffusers_refuses_another_backbone(tmp_path):
                                       "task": {"name": "classification"}, "data": {"name": "digits"}}))
     with pytest.raises(CompatibilityError, match="sd_pipeline run; this run's backbone is 'vit'"):
         write_diffusers(model, tmp_path)
+
+
+# ------------------------------------------------------------------ the example
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "sd_lora_digits.yaml"
+
+
+def test_the_example_needs_its_folder_and_says_so(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no runs/tiny_sd_pipeline here
+    with pytest.raises(CheckpointError, match="runs/tiny_sd_pipeline is not a directory; give a diffusers pipeline folder"):
+        build(adaptkit.load_spec(EXAMPLE, [f"output.dir={tmp_path / 'run'}"]))
+
+
+def test_the_example_trains_lora_on_both_towers_in_latent_space(folder, tmp_path):
+    model = build(adaptkit.load_spec(EXAMPLE, [f"backbone.pretrained={folder}", f"output.dir={tmp_path / 'run'}"]),
+                           keep_data=True)
+    trainable = {name.split(".")[1] for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"unet", "text_encoder"}  # never the VAE
+    batch = model.adaptkit.data.train.batch(range(4))
+    assert batch["images"].shape == (4, 3, 16, 16)
+    assert model.backbone.target(batch).shape == (4, 4, 8, 8)  # VAE latents
+    model.training_step(batch).loss.backward()
+    assert all(p.grad is None for p in model.backbone.vae.parameters())
