@@ -196,8 +196,9 @@ def _load_text(folder: Path) -> tuple[nn.Module, Any]:
     from transformers import CLIPTextModel, CLIPTokenizer
     from transformers.utils import logging as transformers_logging
 
-    level = transformers_logging.get_verbosity()
+    level, bars = transformers_logging.get_verbosity(), transformers_logging.is_progress_bar_enabled()
     transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()  # a tiny folder loads at once; our own messages say what is wrong
     try:
         text_encoder = CLIPTextModel.from_pretrained(str(folder / "text_encoder"), local_files_only=True)
         tokenizer = CLIPTokenizer.from_pretrained(str(folder / "tokenizer"), local_files_only=True)
@@ -205,6 +206,8 @@ def _load_text(folder: Path) -> tuple[nn.Module, Any]:
         raise CheckpointError(f"{WHERE}: cannot load the text encoder or tokenizer of {folder}: {str(exc)[:300]}") from None
     finally:
         transformers_logging.set_verbosity(level)
+        if bars:
+            transformers_logging.enable_progress_bar()
     weights.check_finite_weights(text_encoder.state_dict(), f"{WHERE}: {folder}/text_encoder")
     found = folder / "text_encoder" / "model.safetensors"
     if found.is_file():
