@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import pluggy
 
-from adaptkit.records import BackboneRecord, DataRecord, LoggerRecord, MethodRecord, PresetRecord, RunInfo, TaskRecord
+from adaptkit.records import BackboneRecord, DataRecord, ExportFormatRecord, LoggerRecord, MethodRecord, PresetRecord, RunInfo, TaskRecord
 
 if TYPE_CHECKING:
     from adaptkit.commands import Commands
@@ -141,6 +141,24 @@ def adaptkit_loggers() -> list[LoggerRecord]:
         @hookimpl
         def adaptkit_loggers():
             return [LoggerRecord(name="csv", factory=CsvLogger, summary="evaluations as CSV")]
+    """
+
+
+@hookspec
+def adaptkit_export_formats() -> list[ExportFormatRecord]:
+    """Register formats ``adaptkit export RUN OUT --format NAME`` writes. Called once at load.
+
+    ``write(model, directory, include_base=False)`` gets the trained model (built, its adapter
+    loaded, unmerged) and an empty directory, writes the files and returns their names; a run
+    the format cannot carry is a :class:`~adaptkit.errors.CompatibilityError` saying why::
+
+        def write_onnx(model, directory, *, include_base=False):
+            torch.onnx.export(model.backbone, example, directory / "model.onnx")
+            return ["model.onnx"]
+
+        @hookimpl
+        def adaptkit_export_formats():
+            return [ExportFormatRecord(name="onnx", write=write_onnx, summary="the merged backbone as ONNX")]
     """
 
 

@@ -401,13 +401,21 @@ def import_peft(directory: str | Path, base_spec: Any = None, registry: Any = No
     low-rank method plugin when several offer ``for_layers``. The returned model's
     ``model.adaptkit.spec`` is the imported spec (``save_adapter`` writes a normal adapter).
     """
+    directory = Path(directory)
+    config, tensors = read_peft_dir(directory)
+    return import_lora(config, tensors, directory, base_spec, registry=registry, method=method, check_base=check_base)
+
+
+def import_lora(config: dict[str, Any], tensors: dict[str, torch.Tensor], directory: Path, base_spec: Any = None,
+                registry: Any = None, method: str | None = None, check_base: bool = True) -> nn.Module:
+    """:func:`import_peft` of a PEFT config and tensors already read (native module names, no
+    ``base_model.model.``), from ``directory`` (its ``adaptkit.json`` is read when present):
+    the door for other LoRA file formats, which translate their files into these two."""
     from adaptkit.builder import build
     from adaptkit.registry import registry as default_registry
     from adaptkit.spec import RunSpec, load_spec, stored_spec
 
     reg = registry or default_registry()
-    directory = Path(directory)
-    config, tensors = read_peft_dir(directory)
     ours = _adaptkit_info(directory)
     if base_spec is None:
         if ours is None or "spec" not in ours:
@@ -432,14 +440,16 @@ def import_peft(directory: str | Path, base_spec: Any = None, registry: Any = No
     default_alpha = float(config.get("lora_alpha", 8))
     layers: dict[str, tuple[int, float]] = {}
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    unmatched = sorted(m for m in pairs if _native_layer_name(native.model, m) not in by_native)
+    if unmatched:
+        raise CompatibilityError(
+            f"{len(unmatched)} of the adapter's {len(pairs)} LoRA modules have no adaptable layer in backbone "
+            f"'{spec.backbone.name}' ({getattr(spec.backbone, 'model', '')}), e.g. {', '.join(unmatched[:3])}; "
+            "is the spec's backbone the adapter's base model?"
+        )
     for module, pair in pairs.items():
         alpha = float(_pattern_value(config.get("alpha_pattern") or {}, module.replace(".base_layer.out_proj", ""), default_alpha))
         native_name = _native_layer_name(native.model, module)
-        if native_name not in by_native:
-            raise CompatibilityError(
-                f"PEFT module '{module}' has no adaptable layer in backbone '{spec.backbone.name}' "
-                f"({spec.backbone.model if hasattr(spec.backbone, 'model') else ''}); is the spec's backbone the adapter's base model?"
-            )
         layer = by_native[native_name]
         a, b = pair["A"], pair["B"]
         if a.ndim not in (2, 4) or b.ndim not in (2, 4) or a.shape[0] == 0:

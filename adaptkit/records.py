@@ -232,6 +232,38 @@ class LoggerRecord:
     provider: str = ""
 
 
+class ExportWriter(Protocol):
+    """``write(model, directory, include_base=False) -> file names``: write a built, trained model
+    (its methods applied, adapter loaded) into ``directory`` in the format's own layout."""
+
+    def __call__(self, model: Any, directory: Path, /, *, include_base: bool = False) -> list[str]: ...
+
+
+class ImportReader(Protocol):
+    """``read(source, base_spec, method=None) -> model``: the built adaptkit model (methods applied,
+    factors loaded) that computes what ``source`` (a file or directory in the format) does on the
+    base model ``base_spec`` names (a spec, dict or YAML path; None: the spec ``source`` carries)."""
+
+    def __call__(self, source: Path, base_spec: Any, /, method: str | None = None) -> Any: ...
+
+
+@dataclass(frozen=True)
+class ExportFormatRecord:
+    """A format ``adaptkit export RUN OUT --format NAME`` writes (``peft``, ``diffusers``, ...), and
+    that ``adaptkit import`` reads where the format gives ``read`` and ``recognises(source) -> bool``.
+
+    ``write`` raises a :class:`~adaptkit.errors.CompatibilityError` for a run the format cannot
+    carry (another backbone, a method that is not a low-rank update), naming what is wrong.
+    """
+
+    name: str
+    write: ExportWriter
+    summary: str = ""
+    read: ImportReader | None = None
+    recognises: Callable[[Path], bool] | None = None
+    provider: str = ""
+
+
 RECORD_TYPES: dict[str, type[Record]] = {
     cls.kind: cls for cls in (BackboneRecord, MethodRecord, TaskRecord, DataRecord)
 }

@@ -25,7 +25,7 @@ import pluggy
 from adaptkit import hookspecs
 from adaptkit.errors import AdaptkitError, PluginError, did_you_mean
 from adaptkit.params import ComponentParams
-from adaptkit.records import RECORD_TYPES, LoggerRecord, PresetRecord, Record, RunInfo
+from adaptkit.records import RECORD_TYPES, ExportFormatRecord, LoggerRecord, PresetRecord, Record, RunInfo
 
 KINDS = ("backbone", "method", "task", "data")
 _HOOK_OF_KIND = {
@@ -100,8 +100,11 @@ class Registry:
         self._records: dict[str, dict[str, Record]] = {kind: {} for kind in KINDS}
         self._presets: dict[str, PresetRecord] = {}
         self._loggers: dict[str, LoggerRecord] = {}
+        self._export_formats: dict[str, ExportFormatRecord] = {}
         #: the loggers of a spec that names none (registry.yaml's ``loggers``)
         self.default_loggers: list[str] = []
+        #: the format ``adaptkit export`` writes without --format (registry.yaml's ``export_format``)
+        self.default_export_format = ""
         self._pm = pluggy.PluginManager(hookspecs.PROJECT)
         self._pm.add_hookspecs(hookspecs)
 
@@ -111,6 +114,7 @@ class Registry:
             for module in data.get("plugins") or []:
                 self._register_module(str(module), source="built-in", fatal=True)
             self.default_loggers = [str(name) for name in data.get("loggers") or []]
+            self.default_export_format = str(data.get("export_format") or "")
             for name, entry in (data.get("presets") or {}).items():
                 self._add_preset(_preset_from_yaml(name, entry, path), provider=str(path.name))
         if entry_points:
@@ -182,15 +186,20 @@ class Registry:
                     self._fail_provider(provider, f"adaptkit_presets returned {type(record).__name__}, expected PresetRecord")
                     continue
                 self._add_preset(record, provider)
-        for provider, records in self._call_hook("adaptkit_loggers"):
+        self._collect_named("adaptkit_loggers", LoggerRecord, self._loggers, "logger")
+        self._collect_named("adaptkit_export_formats", ExportFormatRecord, self._export_formats, "export format")
+
+    def _collect_named(self, hook_name: str, record_type: type, table: dict[str, Any], what: str) -> None:
+        """Records of ``hook_name`` into ``table`` by name; a name registered twice is an error naming both providers."""
+        for provider, records in self._call_hook(hook_name):
             for record in records:
-                if not isinstance(record, LoggerRecord):
-                    self._fail_provider(provider, f"adaptkit_loggers returned {type(record).__name__}, expected LoggerRecord")
+                if not isinstance(record, record_type):
+                    self._fail_provider(provider, f"{hook_name} returned {type(record).__name__}, expected {record_type.__name__}")
                     continue
-                if record.name in self._loggers:
-                    raise PluginError(f"logger '{record.name}' is registered twice: by '{self._loggers[record.name].provider}' "
-                                      f"and by '{provider}'; uninstall one of them or rename the logger")
-                self._loggers[record.name] = replace(record, provider=provider)
+                if record.name in table:
+                    raise PluginError(f"{what} '{record.name}' is registered twice: by '{table[record.name].provider}' "
+                                      f"and by '{provider}'; uninstall one of them or rename the {what}")
+                table[record.name] = replace(record, provider=provider)
 
     def _call_hook(self, hook_name: str) -> Iterable[tuple[str, list[Any]]]:
         hook = getattr(self._pm.hook, hook_name)
@@ -249,6 +258,17 @@ class Registry:
         if name not in self._loggers:
             raise PluginError(self.unknown_logger_message(name))
         return self._loggers[name]
+
+    def export_formats(self) -> list[ExportFormatRecord]:
+        """Every registered export format, sorted by name."""
+        return [self._export_formats[name] for name in sorted(self._export_formats)]
+
+    def export_format(self, name: str) -> ExportFormatRecord:
+        """The export format called ``name``; a clear error with suggestions if none."""
+        if name not in self._export_formats:
+            raise PluginError(f"unknown export format '{name}'{did_you_mean(name, self._export_formats)}; "
+                              f"registered formats: {', '.join(sorted(self._export_formats)) or 'none'}")
+        return self._export_formats[name]
 
     def unknown_logger_message(self, name: str) -> str:
         return (f"unknown logger '{name}'{did_you_mean(name, self._loggers)}; "

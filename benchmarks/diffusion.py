@@ -1,7 +1,7 @@
 """Diffusion benchmark: sample quality judged by a digits classifier, and sampling speed vs diffusers.
 
     python benchmarks/diffusion.py                       # every section (several minutes on 2 CPU cores)
-    python benchmarks/diffusion.py --only classcond      # one section: classcond, transfer, unclip, text, speed
+    python benchmarks/diffusion.py --only classcond      # one section: classcond, transfer, unclip, text, speed, sd
     python benchmarks/diffusion.py --only text --clip runs/clip_pretrain_digits/adapter.safetensors   # reuse a CLIP
 
 Sections:
@@ -12,6 +12,8 @@ Sections:
 - unclip: prompts "a handwritten digit seven" through text -> prior -> decoder.
 - text: the GLIDE-style text-conditioned DDPM (examples/ddpm_text_digits.yaml), prompted the same way.
 - speed: our DDIM loop against diffusers' DDIMPipeline with the same UNet, seed and steps.
+- sd: a tiny Stable Diffusion-style pipeline: our sampling against StableDiffusionPipeline, and a LoRA
+  training step against diffusers' LoRA recipe (PEFT on the UNet), on the same components.
 
 The judge is LogisticRegression(C=1, max_iter=5000) on the 64 raw pixels of the digits'
 training split (about 96% test accuracy on real digits), fed generated images as (x + 1) * 8.
@@ -242,21 +244,103 @@ def speed(work: Path, classifier: Any, repeats: int = 5) -> None:
 
         a, b = ours(), theirs()  # warm-up, and the same images
         difference = float(((a / 2 + 0.5).clamp(0, 1) - b).abs().max())
-        times: dict[str, list[float]] = {"ours": [], "diffusers": []}
-        for _ in range(repeats):  # interleaved, so machine load hits both alike
-            for name, fn in (("ours", ours), ("diffusers", theirs)):
-                started = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - started)
-        ours_s, theirs_s = min(times["ours"]), min(times["diffusers"])
-        ratio_median = statistics.median(times["ours"]) / statistics.median(times["diffusers"])
-        rows.append([preset, batch, f"{ours_s:.3f}", f"{theirs_s:.3f}", f"{ours_s / theirs_s:.3f}", f"{ratio_median:.3f}", f"{difference:.1e}"])
+        times = interleaved({"ours": ours, "diffusers": theirs}, repeats)
+        rows.append([preset, batch, *_ratio(times), f"{difference:.1e}"])
     print(f"## Sampling speed: DDIM 50 steps, unconditional, same UNet and seed ({repeats} interleaved repeats, "
           f"{torch.get_num_threads()} thread; times are the fastest repeat)\n")
     table(["UNet", "batch", "ours (s)", "DDIMPipeline (s)", "ours / diffusers", "ratio of medians", "max |difference|"], rows)
 
 
-SECTIONS = {"classcond": classcond, "transfer": transfer, "unclip": unclip, "text": text, "speed": speed}
+def interleaved(fns: dict[str, Any], repeats: int) -> dict[str, list[float]]:
+    """Seconds of each function per repeat, the functions taking turns (machine load hits them alike)."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            started = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - started)
+    return times
+
+
+def sd(work: Path, classifier: Any, repeats: int = 5) -> None:
+    """A tiny Stable Diffusion-style pipeline (32x32 images, 16x16 latents): our sampling loop against
+    StableDiffusionPipeline on the same components, and a LoRA training step against diffusers' LoRA recipe
+    (PEFT on the UNet, as diffusers' train_text_to_image_lora.py does)."""
+    import torch.nn.functional as F
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig
+
+    import adaptkit
+    from adaptkit_plugins.diffusion.tiny_pipeline import preset_config, write_tiny_pipeline
+
+    folder = write_tiny_pipeline(work / "tiny_sd", seed=0, config={**preset_config(), "image_size": 32})
+    spec = {"backbone": {"name": "sd_pipeline", "pretrained": str(folder)}, "data": {"name": "digits_captions"},
+            "task": {"name": "text_to_image", "ema_decay": 0.0, "condition_dropout": 0.0}}
+    model = adaptkit.build(spec).eval()
+    pipeline = StableDiffusionPipeline.from_pretrained(str(folder))
+    pipeline.set_progress_bar_config(disable=True)
+    prompt, batch, steps = "a handwritten digit seven", 4, 20
+
+    def ours() -> torch.Tensor:
+        return model.generate(prompts=[prompt], num=batch, seed=0, steps=steps, guidance=5.0)[0]
+
+    def theirs() -> torch.Tensor:
+        return pipeline(prompt, num_images_per_prompt=batch, num_inference_steps=steps, guidance_scale=5.0,
+                        generator=torch.Generator().manual_seed(0), output_type="pt", height=32, width=32).images
+
+    with torch.no_grad():
+        difference = float(((ours() / 2 + 0.5) - theirs()).abs().max())
+        times = interleaved({"ours": ours, "diffusers": theirs}, repeats)
+    rows = [["sampling: DDIM 20 steps, guidance 5, 4 images", *_ratio(times), f"{difference:.1e}"]]
+
+    # one LoRA training step (rank 4 on the UNet's attention q/k/v/out), batch 16, same images and captions
+    lora = {"name": "lora", "rank": 4, "alpha": 4, "tower": "unet", "targets": ["attn.q", "attn.k", "attn.v", "attn.out"]}
+    trained = adaptkit.build({**spec, "methods": [lora]}).train()
+    images = torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    captions = [f"a handwritten digit {DIGIT_WORDS[i % 10]}" for i in range(16)]
+    ours_batch = {"images": images, "labels": torch.arange(16) % 10, "captions": captions}
+    ours_opt = torch.optim.AdamW([p for p in trained.parameters() if p.requires_grad], lr=1e-4)
+
+    def ours_step() -> None:
+        ours_opt.zero_grad()
+        trained.training_step(ours_batch).loss.backward()
+        ours_opt.step()
+
+    reference = StableDiffusionPipeline.from_pretrained(str(folder))
+    unet, vae, text_encoder, scheduler = reference.unet, reference.vae, reference.text_encoder, reference.scheduler
+    unet.requires_grad_(False), vae.requires_grad_(False), text_encoder.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    unet.train()
+    ids = reference.tokenizer(captions, padding="max_length", max_length=reference.tokenizer.model_max_length,
+                              truncation=True, return_tensors="pt").input_ids
+    their_opt = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=1e-4)
+
+    def their_step() -> None:  # the loop body of diffusers' examples/text_to_image/train_text_to_image_lora.py
+        their_opt.zero_grad()
+        latents = vae.encode(images).latent_dist.sample() * vae.config.scaling_factor
+        noise = torch.randn_like(latents)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],)).long()
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        encoder_hidden_states = text_encoder(ids, return_dict=False)[0]
+        prediction = unet(noisy, timesteps, encoder_hidden_states, return_dict=False)[0]
+        F.mse_loss(prediction.float(), noise.float(), reduction="mean").backward()
+        their_opt.step()
+
+    ours_step(), their_step()  # warm-up
+    times = interleaved({"ours": ours_step, "diffusers": their_step}, repeats)
+    rows.append(["LoRA training step: rank 4 on UNet attention, batch 16", *_ratio(times), "-"])
+    print(f"## Stable Diffusion-style pipeline (tiny, 32x32): ours against diffusers on the same components "
+          f"({repeats} interleaved repeats, {torch.get_num_threads()} thread; fastest repeat)\n")
+    table(["what", "ours (s)", "diffusers (s)", "ours / diffusers", "ratio of medians", "max |difference|"], rows)
+
+
+def _ratio(times: dict[str, list[float]]) -> list[str]:
+    ours_s, theirs_s = min(times["ours"]), min(times["diffusers"])
+    medians = statistics.median(times["ours"]) / statistics.median(times["diffusers"])
+    return [f"{ours_s:.3f}", f"{theirs_s:.3f}", f"{ours_s / theirs_s:.3f}", f"{medians:.3f}"]
+
+
+SECTIONS = {"classcond": classcond, "transfer": transfer, "unclip": unclip, "text": text, "speed": speed, "sd": sd}
 
 
 def main(argv: list[str] | None = None) -> int:

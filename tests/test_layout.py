@@ -15,14 +15,16 @@ ROOT = Path(__file__).resolve().parent.parent
 #: registered names that are also plain words of the core's vocabulary ("the adapter file", "a prompt"):
 #: for these only a string that is exactly the name counts (what `if name == "full"` would be)
 ORDINARY_WORDS = {"adapter", "full", "prefix", "prompt", "captions", "classification", "shards", "digits", "contrastive",
-                  "jsonl"}  # (jsonl: the extension of metrics.jsonl, a file the core reads)
+                  "jsonl", "diffusers", "peft"}  # (jsonl: the extension of metrics.jsonl, a file the core reads;
+#                                   diffusers, peft: libraries the core reads and writes the files of)
 
 
 def built_in_names() -> set[str]:
     reg = registry()
     names = {record.name for kind in KINDS for record in reg.records(kind) if reg.source(record.provider) == "built-in"}
     loggers = {record.name for record in reg.loggers() if reg.source(record.provider) == "built-in"}
-    return names | loggers | {preset.name for preset in reg.presets()}
+    formats = {record.name for record in reg.export_formats() if reg.source(record.provider) == "built-in"}
+    return names | loggers | formats | {preset.name for preset in reg.presets()}
 
 
 def is_docstring(tokens: list[tokenize.TokenInfo], index: int) -> bool:

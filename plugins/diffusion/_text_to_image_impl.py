@@ -172,10 +172,12 @@ class TextToImageModel(TaskModel):
     # ------------------------------------------------------------------ generation
     def sampler_settings(self, **overrides: Any) -> SamplerSettings:
         p = self.params
-        settings = {"sampler": p.sampler, "steps": p.steps, "guidance": p.guidance_scale, "eta": p.eta, "clip_sample": p.clip_sample}
+        samplers = self.backbone.samplers
+        settings = {"sampler": p.sampler or samplers[0], "steps": p.steps, "guidance": p.guidance_scale, "eta": p.eta,
+                    "clip_sample": p.clip_sample, "negative_prompt": p.negative_prompt}
         settings.update({k: v for k, v in overrides.items() if v is not None})
-        if settings["sampler"] not in ("ddim", "ddpm"):
-            raise CompatibilityError(f"unknown sampler '{settings['sampler']}'; use ddim or ddpm")
+        if settings["sampler"] not in samplers:
+            raise CompatibilityError(f"sampler '{settings['sampler']}' does not work with this backbone; use {', '.join(samplers)}")
         if int(settings["steps"]) < 1:
             raise CompatibilityError(f"steps must be at least 1, got {settings['steps']}")
         if not math.isfinite(float(settings["guidance"])) or float(settings["guidance"]) < 0:
@@ -208,6 +210,7 @@ class TextToImageModel(TaskModel):
         guidance: float | None = None,
         eta: float | None = None,
         batch_size: int | None = None,
+        negative_prompt: str | None = None,
     ) -> tuple[torch.Tensor, list[str]]:
         """Sample ``num`` images for each prompt / class / source image.
 
@@ -222,7 +225,7 @@ class TextToImageModel(TaskModel):
             raise CompatibilityError(f"num must be at least 1, got {num}")
         if batch_size is not None and batch_size < 1:
             raise CompatibilityError(f"batch_size must be at least 1, got {batch_size}")
-        settings = self.sampler_settings(steps=steps, sampler=sampler, guidance=guidance, eta=eta)
+        settings = self.sampler_settings(steps=steps, sampler=sampler, guidance=guidance, eta=eta, negative_prompt=negative_prompt)
         device = next(self.parameters()).device
         rows, request = self._request(prompts, classes, images, num, device)
         generator = torch.Generator().manual_seed(self.params.seed if seed is None else seed)

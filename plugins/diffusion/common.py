@@ -33,7 +33,7 @@ class Denoiser(Protocol):
 
 @dataclass(frozen=True)
 class SamplerSettings:
-    """How to sample: diffusers' ``ddim`` or ``ddpm`` scheduler, steps, guidance scale."""
+    """How to sample: a diffusers scheduler (:data:`SAMPLERS`), steps, guidance scale, negative prompt."""
 
     sampler: str = "ddim"
     steps: int = 50
@@ -41,17 +41,51 @@ class SamplerSettings:
     eta: float = 0.0
     #: diffusers' default clips x0 to [-1, 1] each step; with guidance >= 2 that ruins samples
     clip_sample: bool = False
+    #: what guidance steers away from instead of the empty condition (text-conditioned models)
+    negative_prompt: str | None = None
 
 
-def make_scheduler(schedule: dict[str, Any], settings: SamplerSettings) -> Any:
-    """A fresh diffusers scheduler for ``schedule`` (a denoiser's training schedule)."""
-    from diffusers import DDIMScheduler, DDPMScheduler
+#: sampler names and the diffusers scheduler classes they pick
+SAMPLERS = {"ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "euler": "EulerDiscreteScheduler",
+            "dpmsolver++": "DPMSolverMultistepScheduler"}
 
-    if settings.sampler == "ddim":
-        return DDIMScheduler(**schedule, clip_sample=settings.clip_sample)
+
+def make_scheduler(schedule: dict[str, Any], settings: SamplerSettings, config: dict[str, Any] | None = None) -> Any:
+    """A fresh diffusers scheduler for ``schedule`` (a denoiser's training schedule).
+
+    ``config`` is a pipeline folder's scheduler config: sampler ``pipeline`` makes its own
+    class, another sampler that class ``from_config`` (as diffusers users switch schedulers).
+    """
+    import diffusers
+
+    if settings.sampler == "pipeline":
+        if config is None:
+            raise CompatibilityError("sampler 'pipeline' needs a pipeline folder's scheduler; use " + ", ".join(SAMPLERS))
+        return getattr(diffusers, config["_class_name"]).from_config(config)
+    if settings.sampler not in SAMPLERS:
+        raise CompatibilityError(f"unknown sampler '{settings.sampler}'; use {', '.join(SAMPLERS)}")
+    cls = getattr(diffusers, SAMPLERS[settings.sampler])
+    extra: dict[str, Any] = {"algorithm_type": "dpmsolver++"} if settings.sampler == "dpmsolver++" else {}
+    if config is not None:
+        return cls.from_config(config, **extra)
+    if settings.sampler in ("ddim", "ddpm"):
+        extra["clip_sample"] = settings.clip_sample
     if settings.sampler == "ddpm":
-        return DDPMScheduler(**schedule, clip_sample=settings.clip_sample, variance_type="fixed_small")
-    raise CompatibilityError(f"unknown sampler '{settings.sampler}'; use ddim or ddpm")
+        extra["variance_type"] = "fixed_small"
+    return cls(**schedule, **extra)
+
+
+def step_kwargs(scheduler: Any, settings: SamplerSettings, generator: torch.Generator) -> dict[str, Any]:
+    """The keyword arguments ``scheduler.step`` takes of eta and generator (as diffusers' pipelines pass them)."""
+    import inspect
+
+    accepted = set(inspect.signature(scheduler.step).parameters)
+    kwargs: dict[str, Any] = {}
+    if "eta" in accepted:
+        kwargs["eta"] = settings.eta
+    if "generator" in accepted:
+        kwargs["generator"] = generator
+    return kwargs
 
 
 def concat_conditions(a: Condition, b: Condition) -> Condition:
@@ -102,30 +136,34 @@ def sample(
     generator: torch.Generator,
     device: torch.device,
     dtype: torch.dtype = torch.float32,
+    scheduler: Any = None,
+    null: Condition | None = None,
 ) -> torch.Tensor:
-    """Draw ``count`` samples by running the reverse process (DDIM or DDPM).
+    """Draw ``count`` samples by running the reverse process with a diffusers scheduler.
 
     With a condition and ``guidance != 1`` each step evaluates the conditional and the
-    null condition in one batch and extrapolates: eps_u + g (eps_c - eps_u). The
-    initial noise comes from ``generator`` on the CPU, as in diffusers' pipelines, so
-    a seed gives the same images on every device.
+    null condition (``null``, default the denoiser's: a negative prompt replaces it) in
+    one batch and extrapolates: eps_u + g (eps_c - eps_u). The initial noise comes from
+    ``generator`` on the CPU, as in diffusers' pipelines, so a seed gives the same
+    images on every device. ``scheduler`` defaults to :func:`make_scheduler`'s.
     """
-    scheduler = make_scheduler(denoiser.schedule, settings)
+    if scheduler is None:
+        scheduler = make_scheduler(denoiser.schedule, settings)
     scheduler.set_timesteps(settings.steps, device=device)
     x = torch.randn((count, *denoiser.sample_shape), generator=generator, dtype=dtype).to(device)
     x = x * scheduler.init_noise_sigma
     guided = bool(cond) and settings.guidance != 1.0
-    both = concat_conditions(cond, denoiser.null_condition(count)) if guided else cond
-    step_kwargs: dict[str, Any] = {"generator": generator}
-    if settings.sampler == "ddim":
-        step_kwargs["eta"] = settings.eta
+    if guided:
+        both = concat_conditions(cond, null if null is not None else denoiser.null_condition(count))
+    extra = step_kwargs(scheduler, settings, generator)
     for t in scheduler.timesteps:
         if guided:
-            eps_cond, eps_null = denoiser.predict_noise(torch.cat([x, x]), t, both).chunk(2)
+            scaled = scheduler.scale_model_input(torch.cat([x, x]), t)
+            eps_cond, eps_null = denoiser.predict_noise(scaled, t, both).chunk(2)
             eps = eps_null + settings.guidance * (eps_cond - eps_null)
         else:
-            eps = denoiser.predict_noise(x, t, cond)
-        x = scheduler.step(eps, t, x, **step_kwargs).prev_sample
+            eps = denoiser.predict_noise(scheduler.scale_model_input(x, t), t, cond)
+        x = scheduler.step(eps, t, x, **extra).prev_sample
     return x
 
 
@@ -156,6 +194,17 @@ class DiffusionBackbone(Backbone):
         raise NotImplementedError
 
     # generation -------------------------------------------------------------------
+    #: the samplers :meth:`scheduler` can make, the first the default
+    samplers: tuple[str, ...] = tuple(SAMPLERS)
+
+    def scheduler(self, settings: SamplerSettings) -> Any:
+        """A fresh diffusers scheduler for ``settings`` (default: from the trained stage's noise schedule)."""
+        return make_scheduler(self.denoiser.schedule, settings)
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] from what the trained stage generates (a latent model decodes; default: as is)."""
+        return x
+
     def steps_problem(self, steps: int) -> str | None:
         """Why sampling with ``steps`` steps cannot work (a stage trained with fewer timesteps), or None."""
         return too_many_steps(steps, self.denoiser.schedule, "steps")
@@ -170,4 +219,10 @@ class DiffusionBackbone(Backbone):
         """``count`` images in [-1, 1] for per-sample labels / prompts / images."""
         device = next(self.parameters()).device
         cond = self.condition(labels=labels, prompts=prompts, images=images)
-        return sample(self.denoiser, cond, count, settings, generator, device)
+        null = None
+        if settings.negative_prompt is not None:
+            if self.conditioning != "text":
+                raise CompatibilityError("a negative prompt needs a text-conditioned model")
+            null = self.condition(prompts=[settings.negative_prompt] * count)
+        x = sample(self.denoiser, cond, count, settings, generator, device, scheduler=self.scheduler(settings), null=null)
+        return self.decode(x)

@@ -30,7 +30,11 @@ class TextToImageParams(ComponentParams):
         "e.g. [5, 6, 7, 8, 9] to adapt a model of all ten digits on digits 5-9"
     )
     caption_template: str = Field("{label}", description="caption of a labelled image for text conditioning, e.g. 'a handwritten digit {label}'")
-    sampler: Literal["ddim", "ddpm"] = Field("ddim", description="diffusers scheduler for sampling")
+    sampler: Literal["ddim", "ddpm", "euler", "dpmsolver++", "pipeline"] | None = Field(
+        None, description="diffusers scheduler for sampling (default: the backbone's, ddim; sd_pipeline: the folder's own, "
+        "'pipeline'); ddim, ddpm, euler, dpmsolver++ (a pipeline's scheduler config switched to that class)"
+    )
+    negative_prompt: str | None = Field(None, description="what guidance steers away from instead of the empty prompt (text models)")
     steps: int = Field(50, gt=0, description="sampling steps")
     guidance_scale: float = Field(3.0, ge=0, allow_inf_nan=False, description="classifier-free guidance scale (1 = plain conditional sampling)")
     eta: float = Field(0.0, ge=0, le=1, description="DDIM noise (0 = deterministic DDIM, 1 = DDPM-like)")
@@ -59,7 +63,9 @@ class TextToImageFlags:
         group.add_argument("--image", dest="images", metavar="PATH", action="append", default=[],
                            help="a source image for variations (backbones conditioned on images; repeatable)")
         group.add_argument("--steps", metavar="N", type=int, default=None, help="sampling steps (default: the task's, 50)")
-        group.add_argument("--sampler", choices=["ddim", "ddpm"], default=None, help="scheduler (default: the task's, ddim)")
+        group.add_argument("--sampler", choices=["ddim", "ddpm", "euler", "dpmsolver++", "pipeline"], default=None,
+                           help="scheduler (default: the task's; a pipeline folder's own: pipeline)")
+        group.add_argument("--negative-prompt", metavar="TEXT", default=None, help="what guidance steers away from (text models)")
         group.add_argument("--guidance", metavar="SCALE", type=float, default=None, help="classifier-free guidance scale (default: the task's)")
         group.add_argument("--eta", metavar="ETA", type=float, default=None, help="DDIM eta (0: deterministic)")
 
@@ -83,7 +89,8 @@ class TextToImageFlags:
             if note:
                 print(f"note: {note}")
         conditions = {"prompts": args.prompts or None, "classes": args.classes or None, "images": args.images or None,
-                      "steps": args.steps, "sampler": args.sampler, "guidance": args.guidance, "eta": args.eta}
+                      "steps": args.steps, "sampler": args.sampler, "guidance": args.guidance, "eta": args.eta,
+                      "negative_prompt": args.negative_prompt}
         return conditions, list(args.images)
 
 

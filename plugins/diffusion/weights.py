@@ -105,14 +105,19 @@ def pipeline_schedule(folder: Path, default: Any, where: str) -> Any:
         config = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{where}: {path} is not readable JSON ({exc})") from None
+    return scheduler_schedule(config, default, f"{where}: {path}")
+
+
+def scheduler_schedule(config: dict[str, Any], default: Any, where: str) -> Any:
+    """The noise schedule (``default``'s type, its values where ``config`` is silent) of a diffusers scheduler config."""
     prediction = config.get("prediction_type", "epsilon")
     if prediction != "epsilon":
-        raise CheckpointError(f"{where}: {path}: the pipeline predicts {prediction}; adaptkit's denoisers predict epsilon (noise)")
+        raise CheckpointError(f"{where}: the pipeline predicts {prediction}; adaptkit's denoisers predict epsilon (noise)")
     fields = {k: config[k] for k in ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end") if k in config}
     try:
         return type(default).model_validate({**default.model_dump(), **fields})
     except ValueError as exc:
-        raise CheckpointError(f"{where}: {path}: a noise schedule adaptkit does not support ({str(exc)[:200]})") from None
+        raise CheckpointError(f"{where}: a noise schedule adaptkit does not support ({str(exc)[:200]})") from None
 
 
 def check_finite_weights(state: dict[str, torch.Tensor], where: str) -> None:
