@@ -123,3 +123,18 @@ def test_instance_prompts_need_a_text_conditioned_model(tmp_path):
     bad["backbone"] = {"name": "ddpm_unet", "model": "ddpm_unet_tiny", "conditioning": "class", "num_classes": 2}
     with pytest.raises(CompatibilityError, match="instance_prompt: DreamBooth captions every image, but this model is conditioned on 'class'"):
         adaptkit.build(bad)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("example", ["textual_inversion_digits.yaml", "dreambooth_lora_digits.yaml"])
+def test_the_examples_run_at_test_size(tmp_path, example):
+    from pathlib import Path
+
+    tiny = ["backbone.model=ddpm_unet_cross_tiny", "backbone.pretrained=null", "backbone.text_encoder={model: clip_tiny_digits}",
+            "task.steps=2", "task.preview=1", "train.max_steps=2", "train.batch_size=4", f"output.dir={tmp_path / 'run'}"]
+    if example.startswith("dreambooth"):
+        tiny.append("task.num_class_images=2")
+    path = Path(__file__).resolve().parent.parent / "examples" / example
+    result = adaptkit.run(adaptkit.load_spec(path, tiny))
+    assert (result.output_dir / "samples.png").is_file()
+    assert (result.output_dir / CLASS_IMAGES_FILE).is_file() == example.startswith("dreambooth")

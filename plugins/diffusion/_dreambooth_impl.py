@@ -41,6 +41,10 @@ class DreamBooth:
             )
         return cls(params)
 
+    def prompts(self) -> list[str]:
+        """What ``samples.png`` shows: the instance prompt, and the class prompt with prior preservation."""
+        return [self.params.instance_prompt] + ([self.params.class_prompt] if self.params.prior_preservation else [])
+
     def captions(self, batch: dict[str, Any], count: int) -> list[str]:
         """The captions of a batch: the class prompt for class images, else the instance prompt."""
         prompt = self.params.class_prompt if batch.get(CLASS_BATCH) else self.params.instance_prompt

@@ -299,7 +299,8 @@ class TextToImageModel(TaskModel):
         elif kind == "class":
             images, _ = self.generate(classes=self.class_names, num=n)
         else:
-            images, _ = self.generate(prompts=[self.params.caption_template.format(label=c) for c in self.class_names], num=n)
+            prompts = [self.params.caption_template.format(label=c) for c in self.class_names]
+            images, _ = self.generate(prompts=self.dreambooth.prompts() if self.dreambooth is not None else prompts, num=n)
         save_grid(images, output_dir / "samples.png", columns=n)
         return ["samples.png"]
 
