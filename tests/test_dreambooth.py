@@ -50,7 +50,7 @@ def test_every_image_is_captioned_with_the_instance_prompt(tmp_path):
     original = model.backbone.condition
     model.backbone.condition = lambda **kw: seen.append(kw["prompts"]) or original(**kw)
     model.training_step(instance_batch(model))
-    assert seen == [[CLASS] * 4, [INSTANCE] * 4]  # as many class images as instance images
+    assert seen == [[INSTANCE] * 4, [CLASS] * 4]  # the instance batch, then as many class images
 
 
 def test_the_prior_loss_is_added_with_its_weight(tmp_path):

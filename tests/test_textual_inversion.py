@@ -87,7 +87,7 @@ def test_a_saved_run_loads_with_its_learned_word(tmp_path):
 
 
 def test_a_word_the_tokenizer_has_is_refused_by_name(tmp_path):
-    with pytest.raises(CompatibilityError, match="placeholder 'seven' is already a token"):
+    with pytest.raises(CompatibilityError, match="placeholder 'seven' is already a token in the vocabulary of tower 'text' of backbone 'ddpm_unet'"):
         adaptkit.build(spec(tmp_path, method={"placeholder": "seven"}))
 
 
@@ -121,6 +121,16 @@ def test_captions_without_the_placeholder_warn_once(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         model.training_step(batch)
+
+
+def test_textual_inversion_combines_with_dreambooth_prior_preservation(tmp_path):
+    task = {"prior_preservation": True, "class_prompt": "a handwritten digit", "num_class_images": 2}
+    model = adaptkit.build(spec(tmp_path, task=task), keep_data=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the class prompt lacks the word, the instance prompt has it: no warning
+        model.training_step(model.adaptkit.data.train.batch(range(4))).loss.backward()
+    (vector,) = [p for p in model.parameters() if p.requires_grad]
+    assert vector.grad is not None and vector.grad.abs().sum() > 0
 
 
 def test_the_learned_embeds_file_loads_into_diffusers(tmp_path):

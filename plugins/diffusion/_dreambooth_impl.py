@@ -54,16 +54,14 @@ class DreamBooth:
         """For an instance batch: ``prior_loss_weight`` times the denoising loss of as many class
         images drawn at random (0 without prior preservation, or for a class batch).
 
-        Called before the instance batch's forward pass: sampling the class images (the first
-        time) swaps weights in place, which must not happen under a recorded graph. The draw
-        uses the global random stream, as the task's noise does, so every process of a
-        distributed run draws the same indices for all and keeps its own row.
+        The draw uses the global random stream, as the task's noise does, so every process of
+        a distributed run draws the same indices for all and keeps its own row.
         """
         from adaptkit_plugins.diffusion._text_to_image_impl import _world
 
-        if not self.params.prior_preservation or batch.get(CLASS_BATCH):
-            return 0.0
         images = self.ensure_class_images(model)
+        if images is None or batch.get(CLASS_BATCH):
+            return 0.0
         count = len(batch["images"])
         world, rank = _world()
         pick = torch.randint(0, images.shape[0], (world, count))[rank]
@@ -71,8 +69,12 @@ class DreamBooth:
         batch = {"images": images[pick].to(device), CLASS_BATCH: True}
         return self.params.prior_loss_weight * model.training_step(batch).loss
 
-    def ensure_class_images(self, model: Any) -> torch.Tensor:
-        """The class images: from the run directory when there, else sampled now and saved there."""
+    def ensure_class_images(self, model: Any) -> torch.Tensor | None:
+        """The class images (None without prior preservation): from the run directory when there,
+        else sampled now and saved there. The task calls this before a training step's forward
+        pass: sampling swaps weights in place, which must not happen under a recorded graph."""
+        if not self.params.prior_preservation:
+            return None
         if self.class_images is None:
             path = class_images_path(model)
             self.class_images = read_class_images(path, self._recipe(model)) if path.is_file() else None

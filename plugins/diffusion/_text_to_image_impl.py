@@ -106,8 +106,8 @@ class TextToImageModel(TaskModel):
         """
         if self.ema is None and self.params.ema_decay > 0 and self.training:
             self._start_ema()  # from the weights training starts with (or restored ones, when resuming)
-        # DreamBooth's prior preservation: + weight * the loss of as many class images (else 0)
-        prior = self.dreambooth.prior_loss(self, batch) if self.dreambooth is not None else 0.0
+        if self.dreambooth is not None:  # DreamBooth samples its class images once, before any graph is recorded
+            self.dreambooth.ensure_class_images(self)
         x0 = self.backbone.target(batch)
         n = x0.shape[0]
         # every process draws for all of them and keeps its own row: the random stream stays the
@@ -122,7 +122,10 @@ class TextToImageModel(TaskModel):
         cond = self._batch_condition(batch)
         if cond and self.params.condition_dropout > 0:
             cond = self.drop_condition(cond, torch.rand(world, n)[rank] < self.params.condition_dropout)
-        return StepOutput(self.diffusion_loss(x0, cond, t, noise) + prior, n)
+        loss = self.diffusion_loss(x0, cond, t, noise)
+        if self.dreambooth is not None:  # prior preservation: + weight * the loss of as many class images
+            loss = loss + self.dreambooth.prior_loss(self, batch)
+        return StepOutput(loss, n)
 
     @torch.no_grad()
     def evaluate(self, batches: Iterable[dict[str, Any]]) -> dict[str, Any]:

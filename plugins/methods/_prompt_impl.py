@@ -76,7 +76,7 @@ def _textual_inversion(params: Any, surface: Surface) -> AppliedMethod:
             raise CompatibilityError(f"method 'prompt': placeholder needs a text tower that can learn new words; {where} cannot")
         if site.in_vocabulary(word):
             raise CompatibilityError(
-                f"method 'prompt': the placeholder {word!r} is already a token of {where}'s vocabulary; "
+                f"method 'prompt': the placeholder {word!r} is already a token in the vocabulary of {where}; "
                 "choose a new word, e.g. '<my-thing>'"
             )
         initial = site.embed_words(start)
