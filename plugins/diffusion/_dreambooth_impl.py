@@ -57,8 +57,6 @@ class DreamBooth:
         The draw uses the global random stream, as the task's noise does, so every process of
         a distributed run draws the same indices for all and keeps its own row.
         """
-        from adaptkit_plugins.diffusion._text_to_image_impl import _world
-
         images = self.ensure_class_images(model)
         if images is None or batch.get(CLASS_BATCH):
             return 0.0
@@ -79,8 +77,10 @@ class DreamBooth:
             path = class_images_path(model)
             self.class_images = read_class_images(path, self._recipe(model)) if path.is_file() else None
             if self.class_images is None:
+                # every process samples the same images (same seed); the first one keeps them
                 self.class_images = sample_class_images(model, self.params.class_prompt, self.params.num_class_images, self._seed(model))
-                write_class_images(path, self.class_images, self._recipe(model))
+                if _world()[1] == 0:
+                    write_class_images(path, self.class_images, self._recipe(model))
         return self.class_images
 
     def _seed(self, model: Any) -> int:
@@ -90,6 +90,12 @@ class DreamBooth:
         """What decides the class images; a file made by another recipe is not reused."""
         return {"class_prompt": self.params.class_prompt, "num_class_images": str(self.params.num_class_images),
                 "seed": str(self._seed(model))}
+
+
+def _world() -> tuple[int, int]:
+    from adaptkit_plugins.diffusion._text_to_image_impl import _world as world  # (imports this module)
+
+    return world()
 
 
 def class_images_path(model: Any) -> Path:
