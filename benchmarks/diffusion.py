@@ -1,7 +1,7 @@
 """Diffusion benchmark: sample quality judged by a digits classifier, and sampling speed vs diffusers.
 
     python benchmarks/diffusion.py                       # every section (several minutes on 2 CPU cores)
-    python benchmarks/diffusion.py --only classcond      # one section: classcond, transfer, unclip, text, speed, sd
+    python benchmarks/diffusion.py --only classcond      # one section: classcond, transfer, unclip, text, textual_inversion, speed, sd
     python benchmarks/diffusion.py --only text --clip runs/clip_pretrain_digits/adapter.safetensors   # reuse a CLIP
 
 Sections:
@@ -11,6 +11,8 @@ Sections:
   before and after adaptation to 5-9 (LoRA: examples/ddpm_lora_digits_5_9.yaml; full fine-tuning).
 - unclip: prompts "a handwritten digit seven" through text -> prior -> decoder.
 - text: the GLIDE-style text-conditioned DDPM (examples/ddpm_text_digits.yaml), prompted the same way.
+- textual_inversion: the text DDPM taught a new word for the sevens (examples/textual_inversion_digits.yaml);
+  samples of "a handwritten digit <my-digit>" judged as 7, against the initializer word and the real word.
 - speed: our DDIM loop against diffusers' DDIMPipeline with the same UNet, seed and steps.
 - sd: a tiny Stable Diffusion-style pipeline: our sampling against StableDiffusionPipeline, and a LoRA
   training step against diffusers' LoRA recipe (PEFT on the UNet), on the same components.
@@ -220,6 +222,27 @@ def text(work: Path, classifier: Any) -> None:
     table(["model", "prompt (shown for seven)", "guidance", "judge agrees", "per digit (%)", "sampling s"], rows)
 
 
+def textual_inversion(work: Path, classifier: Any, samples: int = 100, extra: tuple[str, ...] = ()) -> None:
+    """The text DDPM (examples/ddpm_text_digits.yaml, trained here) learns "<my-digit>" from the sevens."""
+    clip, clip_note = clip_weights(work)
+    encoder = f"backbone.text_encoder.pretrained={clip}"
+    base = run_example("ddpm_text_digits", work, [encoder, *extra])
+    unet = work / "ddpm_text_digits" / "adapter.safetensors"
+    learned = run_example("textual_inversion_digits", work, [encoder, f"backbone.pretrained={unet}", *extra])
+    model = learned.model.eval()
+    rows = []
+    for label, prompt in (("before: the initializer word", "a handwritten digit digit"),
+                          ("learned word (64 params)", "a handwritten digit <my-digit>"),
+                          ("the real word", "a handwritten digit seven")):
+        for guidance in (1.0, 3.0):
+            images, _ = model.generate(prompts=[prompt], num=samples, seed=0, guidance=guidance, steps=50, sampler="ddim")
+            rate, _ = agreement(classifier, images, [7] * samples)
+            rows.append([label, f'"{prompt}"', f"{guidance:g}", f"{100 * rate:.1f}%"])
+    print(f"## Textual inversion on the text DDPM: {clip_note}; DDPM {base.seconds:.0f} s; the word "
+          f"{learned.seconds:.0f} s ({learned.metrics['trainable_params']} params); {samples} samples, DDIM 50, seed 0\n")
+    table(["prompt", "text", "guidance", "judged a 7"], rows)
+
+
 def speed(work: Path, classifier: Any, repeats: int = 5) -> None:
     from diffusers import DDIMPipeline
 
@@ -340,7 +363,8 @@ def _ratio(times: dict[str, list[float]]) -> list[str]:
     return [f"{ours_s:.3f}", f"{theirs_s:.3f}", f"{ours_s / theirs_s:.3f}", f"{medians:.3f}"]
 
 
-SECTIONS = {"classcond": classcond, "transfer": transfer, "unclip": unclip, "text": text, "speed": speed, "sd": sd}
+SECTIONS = {"classcond": classcond, "transfer": transfer, "unclip": unclip, "text": text,
+            "textual_inversion": textual_inversion, "speed": speed, "sd": sd}
 
 
 def main(argv: list[str] | None = None) -> int:

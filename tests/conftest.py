@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import os
 import tempfile
+from typing import Any
 
 import pytest
 
@@ -30,6 +31,23 @@ def tiny_vit_spec(tmp_path, **overrides) -> dict:
     for key, value in overrides.items():
         spec[key] = value
     return copy.deepcopy(spec)
+
+
+def crash_run_after(step: int, run: Any) -> None:
+    """Call ``run()`` with the trainer stopped by a KeyboardInterrupt right after it checkpoints ``step``."""
+    from adaptkit.train import Trainer
+
+    original = Trainer._save_state
+
+    def crash(self, optimizer, done, *args):
+        original(self, optimizer, done, *args)
+        if done == step:
+            raise KeyboardInterrupt("simulated crash")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Trainer, "_save_state", crash)
+        with pytest.raises(KeyboardInterrupt):
+            run()
 
 
 @pytest.fixture

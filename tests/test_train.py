@@ -11,8 +11,8 @@ import torch
 import adaptkit
 from adaptkit.checkpoint import load_tensors
 from adaptkit.errors import RunError
-from adaptkit.train import Trainer, lr_factor
-from tests.conftest import tiny_vit_spec
+from adaptkit.train import lr_factor
+from tests.conftest import crash_run_after, tiny_vit_spec
 from tests.cli_helpers import torchrun
 
 quiet = dict(log=lambda *_: None)
@@ -40,20 +40,10 @@ def test_same_seed_same_result(tmp_path):
     assert any(not torch.equal(v, adapter(c.output_dir)[k]) for k, v in adapter(a.output_dir).items())
 
 
-def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path, monkeypatch):
+def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path):
     whole = adaptkit.run(spec_for(tmp_path, "whole"), **quiet)
 
-    original = Trainer._save_state
-
-    def crash_after_step_8(self, optimizer, step, *args):
-        original(self, optimizer, step, *args)
-        if step == 8:
-            raise KeyboardInterrupt("simulated crash")
-
-    monkeypatch.setattr(Trainer, "_save_state", crash_after_step_8)
-    with pytest.raises(KeyboardInterrupt):
-        adaptkit.run(spec_for(tmp_path, "crashed"), **quiet)
-    monkeypatch.setattr(Trainer, "_save_state", original)
+    crash_run_after(8, lambda: adaptkit.run(spec_for(tmp_path, "crashed"), **quiet))
     crashed = tmp_path / "crashed"
     assert [json.loads(l)["step"] for l in (crashed / "metrics.jsonl").read_text().splitlines()] == [4, 8]
     with pytest.raises(RunError, match="already holds a run"):

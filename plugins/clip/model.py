@@ -169,7 +169,7 @@ class ClipBackbone(ClipNative, Backbone):
         self.text_site = TextSite()
         self.text_tokens = TextTokenSite(
             dim=int(self._text.transformer.width), blocks=list(self._text.transformer.resblocks),
-            token_embedding=self._text.token_embedding, tokenize=self._tokenize_raw,
+            token_embedding=self._text.token_embedding, tokenize=self._tokenize_plain,
         )
         self.vision_tokens = SequenceTokenSite(
             dim=int(visual.transformer.width), entry=visual.ln_pre, blocks=list(visual.transformer.resblocks),
@@ -303,6 +303,10 @@ class ClipBackbone(ClipNative, Backbone):
         return F.normalize(features, dim=-1) if normalize else features
 
     def _tokenize_raw(self, texts: Sequence[str]) -> torch.Tensor:
+        """Token ids of ``texts`` as given (no text-site transforms); learned placeholders get their own ids."""
+        return self.text_tokens.tokenize(texts)
+
+    def _tokenize_plain(self, texts: Sequence[str]) -> torch.Tensor:
         # captions and class names repeat from step to step: tokenize each distinct text once
         cache = self._token_cache
         missing = [t for t in dict.fromkeys(texts) if t not in cache]
@@ -359,7 +363,7 @@ class ClipBackbone(ClipNative, Backbone):
             raise DataError(f"token ids must be (n, {self.context_length}), got {tuple(ids.shape)}")
         ids = ids.to(text.positional_embedding.device)
         cast = text.transformer.get_cast_dtype()
-        x = text.token_embedding(ids).to(cast)
+        x = self.text_tokens.embed(ids).to(cast)
         x, index = self.text_tokens.insert(x, self._pool_index(ids), text.pool_type)
         x = x + text.positional_embedding.to(cast)
         x = text.transformer(x, attn_mask=text.attn_mask)

@@ -10,16 +10,25 @@ the number of context tokens; when the shift would push the end token past the
 context length, the end token takes the last position, as the tokenizer does when it
 truncates. Deep prompts (``source.deep``) replace the context positions again
 before every later block.
+
+The site also learns new words (textual inversion, :class:`~adaptkit.surface.PlaceholderSite`):
+a text that contains a bound placeholder is tokenized piece by piece around it, and
+the placeholder becomes one token whose id is negative (-1 for the first placeholder,
+-2 for the second, ...). Negative ids never win the end-token ``argmax``; the
+embedding step looks them up in the learned vectors instead of the vocabulary.
 """
 
 from __future__ import annotations
 
+import re
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from adaptkit.errors import CompatibilityError
 from adaptkit.surface import PromptSource, TokenSite
 
 #: how each open_clip text pooling finds its token
@@ -44,6 +53,9 @@ class TextTokenSite(TokenSite):
         self._tokenize = tokenize
         self._sources: list[PromptSource] = []
         self._handles: list[Any] = []
+        self._placeholders: dict[str, nn.Parameter] = {}
+        self._placeholder_pattern: re.Pattern[str] | None = None
+        self._placeholder_seen = False
 
     @property
     def total(self) -> int:
@@ -64,10 +76,84 @@ class TextTokenSite(TokenSite):
         The CoOp initialisation "a photo of a": context vectors that equal these
         embeddings make the learner reproduce the hand-written template exactly.
         """
-        ids = self._tokenize([text])[0]
-        eot = int(ids.argmax())
-        words = ids[1:eot].to(self._token_embedding.weight.device)
+        words = torch.tensor(self._word_ids(text), dtype=torch.long, device=self._token_embedding.weight.device)
         return self._token_embedding(words).detach().clone()
+
+    # -- placeholders (textual inversion) ------------------------------------------
+    def in_vocabulary(self, word: str) -> bool:
+        """Whether the tokenizer already reads ``word`` as one token (start, word, end)."""
+        return int(self._tokenize([word])[0].argmax()) == 2
+
+    def bind_placeholder(self, word: str, vector: nn.Parameter) -> None:
+        """Encode ``word`` as one token with embedding ``vector`` (dim,) in every text from now on."""
+        if word in self._placeholders:
+            raise CompatibilityError(f"the placeholder {word!r} is already bound on this text tower")
+        self._placeholders[word] = vector
+        # the longest first, so that "<cat>" inside "<cat-toy>" does not split it
+        alternatives = sorted(self._placeholders, key=len, reverse=True)
+        self._placeholder_pattern = re.compile("|".join(re.escape(w) for w in alternatives))
+
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        """Token ids (n, context_length) of ``texts``; bound placeholders get negative ids."""
+        pattern = self._placeholder_pattern
+        if pattern is None:
+            return self._tokenize(texts)
+        ids = self._tokenize(texts)
+        found = [i for i, text in enumerate(texts) if pattern.search(text)]
+        if not found:
+            self._warn_missing(texts)
+            return ids
+        self._placeholder_seen = True
+        ids = ids.clone()
+        for row in found:
+            ids[row] = self._split_ids(texts[row], pattern, ids.shape[1]).to(ids.device)
+        return ids
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings (n, L, dim) of ``ids``, with the learned vector at each placeholder id."""
+        if not self._placeholders or not bool((ids < 0).any()):
+            return self._token_embedding(ids)
+        x = self._token_embedding(ids.clamp(min=0))
+        for index, vector in enumerate(self._placeholders.values()):
+            here = (ids == -(index + 1)).unsqueeze(-1)
+            x = torch.where(here, vector.to(x.dtype), x)
+        return x
+
+    def _split_ids(self, text: str, pattern: re.Pattern[str], length: int) -> torch.Tensor:
+        """The ids of one text with placeholders, as the tokenizer would give with them as added tokens."""
+        ids: list[int] = []
+        index = {word: -(i + 1) for i, word in enumerate(self._placeholders)}
+        start = 0
+        for match in pattern.finditer(text):
+            ids += self._word_ids(text[start:match.start()])
+            ids.append(index[match.group(0)])
+            start = match.end()
+        ids += self._word_ids(text[start:])
+        empty = self._tokenize([""])[0]  # [start, end, padding...]
+        begin, end, pad = int(empty[0]), int(empty[1]), int(empty[2]) if length > 2 else 0
+        row = [begin, *ids, end][:length]
+        row[-1] = end  # the tokenizer's own truncation keeps the end token last
+        return torch.tensor(row + [pad] * (length - len(row)), dtype=torch.long)
+
+    def _word_ids(self, piece: str) -> list[int]:
+        if not piece.strip():
+            return []
+        ids = self._tokenize([piece])[0]
+        return ids[1:int(ids.argmax())].tolist()
+
+    def _warn_missing(self, texts: Sequence[str]) -> None:
+        # the first training batch (gradients on, several captions) lacks the word: its vector cannot train
+        if self._placeholder_seen or len(texts) < 2 or not torch.is_grad_enabled():
+            return
+        if not any(v.requires_grad for v in self._placeholders.values()):
+            return
+        self._placeholder_seen = True  # warn once
+        words = ", ".join(repr(w) for w in self._placeholders)
+        warnings.warn(
+            f"textual inversion: no caption of this training batch contains the placeholder {words}; its learned "
+            f"embedding only trains on texts that contain it (e.g. caption: 'a photo of {next(iter(self._placeholders))}')",
+            stacklevel=2,
+        )
 
     # -- used by the backbone's text encoder -------------------------------------
     def insert(self, x: torch.Tensor, pool_index: torch.Tensor, pool_type: str) -> tuple[torch.Tensor, torch.Tensor]:

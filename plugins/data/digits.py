@@ -22,8 +22,8 @@ class DigitsParams(ImageDataParams):
     def _classes(cls, value: list[int] | None) -> list[int] | None:
         if value is None:
             return value
-        if len(value) < 2:
-            raise ValueError("give at least two digits")
+        if not value:  # one digit is a DreamBooth / textual-inversion subject
+            raise ValueError("give at least one digit")
         if len(set(value)) != len(value):
             raise ValueError("digits must not repeat")
         bad = [v for v in value if not 0 <= v <= 9]

@@ -21,6 +21,7 @@ from adaptkit_plugins.diffusion.common import (
     alphas_cumprod,
     drop_conditions,
 )
+from adaptkit_plugins.diffusion._dreambooth_impl import DreamBooth
 
 #: seed of the fixed noise and timesteps that make validation losses comparable across evaluations
 EVAL_SEED = 1234
@@ -43,6 +44,7 @@ class TextToImageModel(TaskModel):
         self.num_timesteps = int(self.alphas_cumprod.shape[0])
         self.ema: dict[str, torch.Tensor] | None = None
         self._preview_written = False
+        self.dreambooth = DreamBooth.create(params, backbone)
 
     @classmethod
     def create(cls, params: Any, backbone: Any, info: Any) -> "TextToImageModel":
@@ -75,6 +77,8 @@ class TextToImageModel(TaskModel):
             return self.backbone.condition(labels=self.class_ids[batch["labels"]])
         if kind == "text":
             captions = batch.get("captions")
+            if self.dreambooth is not None:
+                captions = self.dreambooth.captions(batch, len(batch["images"]))
             if captions is None:
                 captions = [self.params.caption_template.format(label=self.class_names[i]) for i in batch["labels"].tolist()]
             return self.backbone.condition(prompts=list(captions))
@@ -102,6 +106,8 @@ class TextToImageModel(TaskModel):
         """
         if self.ema is None and self.params.ema_decay > 0 and self.training:
             self._start_ema()  # from the weights training starts with (or restored ones, when resuming)
+        if self.dreambooth is not None:  # DreamBooth samples its class images once, before any graph is recorded
+            self.dreambooth.ensure_class_images(self)
         x0 = self.backbone.target(batch)
         n = x0.shape[0]
         # every process draws for all of them and keeps its own row: the random stream stays the
@@ -116,7 +122,10 @@ class TextToImageModel(TaskModel):
         cond = self._batch_condition(batch)
         if cond and self.params.condition_dropout > 0:
             cond = self.drop_condition(cond, torch.rand(world, n)[rank] < self.params.condition_dropout)
-        return StepOutput(self.diffusion_loss(x0, cond, t, noise), n)
+        loss = self.diffusion_loss(x0, cond, t, noise)
+        if self.dreambooth is not None:  # prior preservation: + weight * the loss of as many class images
+            loss = loss + self.dreambooth.prior_loss(self, batch)
+        return StepOutput(loss, n)
 
     @torch.no_grad()
     def evaluate(self, batches: Iterable[dict[str, Any]]) -> dict[str, Any]:
@@ -296,7 +305,8 @@ class TextToImageModel(TaskModel):
         elif kind == "class":
             images, _ = self.generate(classes=self.class_names, num=n)
         else:
-            images, _ = self.generate(prompts=[self.params.caption_template.format(label=c) for c in self.class_names], num=n)
+            prompts = [self.params.caption_template.format(label=c) for c in self.class_names]
+            images, _ = self.generate(prompts=self.dreambooth.prompts() if self.dreambooth is not None else prompts, num=n)
         save_grid(images, output_dir / "samples.png", columns=n)
         return ["samples.png"]
 

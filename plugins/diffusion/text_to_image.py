@@ -17,9 +17,10 @@ from pydantic import Field, field_validator
 from adaptkit.hookspecs import hookimpl
 from adaptkit.params import ComponentParams
 from adaptkit.records import TaskRecord
+from adaptkit_plugins.diffusion.dreambooth import DreamBoothOptions
 
 
-class TextToImageParams(ComponentParams):
+class TextToImageParams(DreamBoothOptions, ComponentParams):
     """DDPM training and sampling settings (the sampling ones are defaults for ``adaptkit generate``)."""
 
     name: Literal["text_to_image"] = "text_to_image"

@@ -10,7 +10,7 @@ from torch import nn
 
 from adaptkit.errors import CompatibilityError
 from adaptkit.method import AppliedMethod
-from adaptkit.surface import AttentionSite, PromptSource, Surface, Tower
+from adaptkit.surface import AttentionSite, PlaceholderSite, PromptSource, Surface, Tower
 from adaptkit_plugins.methods.common import attach, host
 from adaptkit_plugins.methods.prompt import sites_needed
 
@@ -52,6 +52,49 @@ class AttentionPrompts(nn.Module):
         return k.unsqueeze(0).expand(batch, -1, -1, -1), v.unsqueeze(0).expand(batch, -1, -1, -1)
 
 
+class PlaceholderEmbedding(nn.Module):
+    """One learned word of textual inversion: ``vector`` (dim,) is the token embedding of ``word``."""
+
+    def __init__(self, word: str, initial: torch.Tensor) -> None:
+        super().__init__()
+        self.word = word
+        self.vector = nn.Parameter(initial.detach().clone())
+
+    def extra_repr(self) -> str:
+        return f"word={self.word!r}, dim={self.vector.shape[0]}"
+
+
+def _textual_inversion(params: Any, surface: Surface) -> AppliedMethod:
+    """Bind ``params.placeholder`` on every chosen text tower, started from ``initializer_token``."""
+    word, start = params.placeholder, params.initializer_token
+    added: list[nn.Module] = []
+    names, expected = [], 0
+    for tower in surface.select(params.tower, "tokens", "prompt"):
+        site = tower.tokens
+        where = f"tower '{tower.name}' of backbone '{surface.backbone}'"
+        if not isinstance(site, PlaceholderSite):
+            raise CompatibilityError(f"method 'prompt': placeholder needs a text tower that can learn new words; {where} cannot")
+        if site.in_vocabulary(word):
+            raise CompatibilityError(
+                f"method 'prompt': the placeholder {word!r} is already a token in the vocabulary of {where}; "
+                "choose a new word, e.g. '<my-thing>'"
+            )
+        initial = site.embed_words(start)
+        if initial.shape[0] != 1:
+            problem = "is not in the vocabulary" if initial.shape[0] == 0 else f"is {initial.shape[0]} tokens"
+            raise CompatibilityError(
+                f"method 'prompt': initializer_token {start!r} {problem} in {where}; give a word that is one token (e.g. 'digit')"
+            )
+        module = PlaceholderEmbedding(word, initial[0])
+        attach(surface.root, f"placeholder_{tower.name}", module)
+        site.bind_placeholder(word, module.vector)
+        added.append(module)
+        names.append(tower.name)
+        expected += site.dim
+    summary = f"textual inversion: {word!r} from {start!r} on {', '.join(names)}; {expected:,} parameters"
+    return AppliedMethod("prompt", added, summary, expected_parameters=expected)
+
+
 def _words(params: Any, site: Any, tower: str, backbone: str) -> torch.Tensor | None:
     """The token embeddings of ``params.init_text`` in ``site``'s vocabulary (CoOp's initialisation)."""
     if params.init_text is None:
@@ -68,6 +111,8 @@ def _words(params: Any, site: Any, tower: str, backbone: str) -> torch.Tensor | 
 
 
 def apply(params: Any, surface: Surface) -> AppliedMethod:
+    if params.placeholder is not None:
+        return _textual_inversion(params, surface)
     kinds = sites_needed(params)
     towers = surface.select(params.tower, kinds, "prompt")
     added: list[nn.Module] = []
