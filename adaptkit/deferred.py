@@ -127,8 +127,7 @@ def load_base_state(net: nn.Module, state: dict[str, torch.Tensor]) -> None:
             if key in params:
                 module_name, _, leaf = key.rpartition(".")
                 module = net.get_submodule(module_name)
-                sources = module.__dict__.setdefault(SOURCES, {})
-                sources[leaf] = source
+                module.__dict__.setdefault(SOURCES, {})[leaf] = source
             else:
                 buffers[key].copy_(source.read() if source is not None else value)
 
