@@ -92,9 +92,11 @@ def test_gradient_checkpointing_under_torchrun_matches_one(tmp_path, single, str
     assert_same_adapter(single, tmp_path / f"{strategy}_checkpointed")
 
 
-def test_fsdp_with_a_bf16_base_matches_one_within_bf16_precision(tmp_path):
+def test_fsdp_with_a_bf16_base_matches_one_within_bf16_precision(tmp_path, single):
     """Frozen bf16 base weights and fp32 trained tensors share FSDP units; the bf16 matmuls are
-    reduced in another order over 2 processes, so the adapters agree to bf16 precision."""
+    reduced in another order over 2 processes, so the adapters agree to bf16 precision: the gap
+    between the two bf16 runs is of the size of bf16's own effect (one bf16 run against the
+    fp32 run), not larger."""
     spec = fsdp_spec(tmp_path, "single_bf16")
     spec["backbone"]["dtype"] = "bf16"
     adaptkit.run(spec, log=lambda line: None)
@@ -104,8 +106,10 @@ def test_fsdp_with_a_bf16_base_matches_one_within_bf16_precision(tmp_path):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     a, b = adapter(tmp_path / "single_bf16"), adapter(tmp_path / "fsdp_bf16")
     assert sorted(a) == sorted(b) and all(t.dtype == torch.float32 for t in b.values())
+    fp32 = adapter(single)
     for key, value in a.items():  # (AdamW's normalised steps turn bf16 noise in a tiny gradient into a visible one)
-        assert (b[key] - value).norm() <= 0.05 * value.norm(), key
+        bf16_effect = (value - fp32[key]).norm()
+        assert (b[key] - value).norm() <= 3 * bf16_effect + 0.01 * value.norm(), (key, bf16_effect)
 
 
 def test_fsdp_resume_after_a_crash_matches_one(tmp_path, single):
