@@ -29,8 +29,6 @@ from torch import nn
 from adaptkit.sites import SequenceTokenSite, gated_attention, index_layers, prepend_kv
 from adaptkit.surface import AttentionSite, BlockSite, LayerSite, TextSite, Tower
 
-#: roles of the text tower (the same as the clip backbone's text tower)
-TEXT_ROLES = frozenset({"attn.q", "attn.k", "attn.v", "attn.out", "mlp.in", "mlp.out"})
 SITE_ATTENTION = "adaptkit_sites"
 
 
