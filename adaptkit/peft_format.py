@@ -31,6 +31,7 @@ import json
 import math
 import re
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +65,7 @@ def _number(value: float) -> float | int:
     return int(value) if float(value).is_integer() else float(value)
 
 
-def _native_updates(model: nn.Module, native: NativeModel) -> dict[str, dict[str, list[Any]]]:
+def _native_updates(model: nn.Module, native: NativeModel, skip: Sequence[Any] = ()) -> dict[str, dict[str, list[Any]]]:
     """Low-rank updates grouped by PEFT target module: {target: {slot: [updates]}}.
 
     ``slot`` is "" for a Linear/Conv2d target; "in_proj"/"out_proj" for an
@@ -72,6 +73,8 @@ def _native_updates(model: nn.Module, native: NativeModel) -> dict[str, dict[str
     """
     grouped: dict[str, dict[str, list[Any]]] = {}
     for method in model.adaptkit.methods:
+        if any(method is other for other in skip):
+            continue
         if method.merged:
             raise CompatibilityError(f"method '{method.name}' is merged into the weights; unmerge it before exporting")
         if method.mergeable and not method.added:
@@ -144,8 +147,10 @@ def _suffix_of_another(native: nn.Module, name: str) -> bool:
     return any(n != name and n.endswith(f".{name}") for n, _ in native.named_modules())
 
 
-def peft_state(model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor], NativeModel]:
+def peft_state(model: nn.Module, skip: Sequence[Any] = ()) -> tuple[dict[str, Any], dict[str, torch.Tensor], NativeModel]:
     """(adapter_config, adapter tensors, native model with the base weights) for a built model.
+
+    ``skip``: applied methods the caller writes in a file of their own (a format's learned words).
 
     Raises :class:`CompatibilityError` for what PEFT's LoRA cannot carry: a method that is
     not a low-rank update, trained base weights, trained task tensors the native model has no
@@ -158,7 +163,7 @@ def peft_state(model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor
     added = added_tensor_ids(model)
     trained_base = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in added and n.startswith("backbone.")]
     whole = _trained_modules(model, native, trained_base)
-    grouped = _native_updates(model, native)
+    grouped = _native_updates(model, native, skip)
     both = sorted(set(whole) & set(grouped))
     if both:
         raise CompatibilityError(

@@ -50,14 +50,14 @@ def diffusers_pipeline(path, sampler="pipeline"):
     return pipe
 
 
-def theirs(pipe, seed=5, guidance=2.5, negative=None, num=2):
-    out = pipe(PROMPT, negative_prompt=negative, num_images_per_prompt=num, num_inference_steps=3, guidance_scale=guidance,
+def theirs(pipe, seed=5, guidance=2.5, negative=None, num=2, prompt=PROMPT):
+    out = pipe(prompt, negative_prompt=negative, num_images_per_prompt=num, num_inference_steps=3, guidance_scale=guidance,
                generator=torch.Generator().manual_seed(seed), output_type="pt", height=16, width=16).images
     return out * 2 - 1  # [0, 1] -> adaptkit's [-1, 1]
 
 
-def ours(model, sampler=None, seed=5, guidance=2.5, negative=None, num=2):
-    images, _ = model.generate(prompts=[PROMPT], num=num, seed=seed, steps=3, guidance=guidance, sampler=sampler,
+def ours(model, sampler=None, seed=5, guidance=2.5, negative=None, num=2, prompt=PROMPT):
+    images, _ = model.generate(prompts=[prompt], num=num, seed=seed, steps=3, guidance=guidance, sampler=sampler,
                                negative_prompt=negative)
     return images
 
@@ -259,3 +259,21 @@ def test_the_example_trains_lora_on_both_towers_in_latent_space(folder, tmp_path
     assert model.backbone.target(batch).shape == (4, 4, 8, 8)  # VAE latents
     model.training_step(batch).loss.backward()
     assert all(p.grad is None for p in model.backbone.vae.parameters())
+
+
+@pytest.mark.slow
+def test_textual_inversion_export_loads_with_load_textual_inversion(folder, tmp_path):
+    """A word learned on the pipeline's own text encoder (method prompt with a placeholder) goes to
+    diffusers as learned_embeds.safetensors; load_textual_inversion then gives our images."""
+    word = "<my-digit>"
+    method = {"name": "prompt", "tower": "text", "placeholder": word, "initializer_token": "three"}
+    model = randomised(build(adaptkit.load_spec(spec_of(folder, [method])))).eval()
+    save_run(model, tmp_path / "run", "finished")
+    assert cli(["export", str(tmp_path / "run"), str(tmp_path / "out"), "--format", "diffusers"]) == 0
+    pipe = diffusers_pipeline(folder)
+    prompt = f"a handwritten digit {word}"
+    initial = theirs(pipe, prompt=prompt.replace(word, "three"))
+    pipe.load_textual_inversion(str(tmp_path / "out" / "learned_embeds.safetensors"))
+    adapted = theirs(pipe, prompt=prompt)
+    assert (adapted - initial).abs().max() > 1e-2  # the learned vector is not the initializer's
+    torch.testing.assert_close(ours(model, prompt=prompt), adapted, rtol=0, atol=1e-4)

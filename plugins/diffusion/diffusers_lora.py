@@ -23,7 +23,6 @@ from adaptkit.hookspecs import hookimpl
 from adaptkit.records import ExportFormatRecord
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
-EMBEDDINGS_NAME = "learned_embeds.safetensors"
 COMPONENTS = ("unet", "text_encoder")
 
 _FACTOR = re.compile(r"^(?P<module>.+?)\.(?:lora_(?P<ab>[AB])|lora\.(?P<old>down|up)|lora_linear_layer\.(?P<linear>down|up))\.weight$")
@@ -44,7 +43,13 @@ def write_diffusers(model: Any, directory: Path, *, include_base: bool = False) 
     if include_base:
         raise CompatibilityError("--include-base: diffusers' LoRA file holds the LoRA only; `adaptkit merge RUN OUT` "
                                  "writes the whole pipeline folder")
-    config, tensors, _ = peft_state(model)
+    from adaptkit_plugins.methods.prompt import learns_words
+
+    words = [method for method in model.adaptkit.methods if learns_words(method)]
+    if len(words) == len(model.adaptkit.methods):  # textual inversion alone: the learned words are the export
+        config, tensors = {}, {}
+    else:
+        config, tensors, _ = peft_state(model, skip=words)
     if config.get("modules_to_save"):
         raise CompatibilityError(f"the run trained whole modules ({', '.join(config['modules_to_save'][:3])}), which diffusers' "
                                  "LoRA file cannot hold; merge the run (`adaptkit merge`) instead")
@@ -67,8 +72,10 @@ def write_diffusers(model: Any, directory: Path, *, include_base: bool = False) 
             "alpha_pattern": {re.escape(t): v for t, v in alphas.items() if v != alpha},
         }
         metadata.update({f"{component}.{key}": value for key, value in component_config.items()})
-    save_tensors(directory / WEIGHT_NAME, out, {"format": "pt", "lora_adapter_metadata": json.dumps(metadata)})
-    files = [WEIGHT_NAME]
+    files = []
+    if out:
+        save_tensors(directory / WEIGHT_NAME, out, {"format": "pt", "lora_adapter_metadata": json.dumps(metadata)})
+        files.append(WEIGHT_NAME)
     files += _write_placeholders(model, directory)
     info = model.adaptkit
     (directory / "adaptkit.json").write_text(json.dumps({
@@ -89,20 +96,13 @@ def _alpha_of(config: dict[str, Any], target: str) -> float | int:
 
 
 def _write_placeholders(model: Any, directory: Path) -> list[str]:
-    """Textual-inversion words of the run (the ``prompt`` method with a placeholder) as diffusers'
-    ``load_textual_inversion`` file: {word: vector}. The single place that writes it."""
-    try:  # provided by the prompt method once it learns placeholder words
-        from adaptkit_plugins.methods.prompt import placeholder_embeddings
-    except ImportError:
-        return []
-    embeddings = placeholder_embeddings(model)
-    if not embeddings:
-        return []
-    from adaptkit.checkpoint import save_tensors
+    """Textual-inversion words of the run (the ``prompt`` method with a placeholder), in the file
+    diffusers' ``load_textual_inversion`` reads (one word per file)."""
+    from adaptkit_plugins.methods.prompt import placeholder_embeddings, write_learned_embeds
 
-    save_tensors(directory / EMBEDDINGS_NAME, {word: vector.detach().float().contiguous() for word, vector in embeddings.items()},
-                 {"format": "pt"})
-    return [EMBEDDINGS_NAME]
+    if not placeholder_embeddings(model):
+        return []
+    return [path.name for path in write_learned_embeds(model, directory)]
 
 
 # ------------------------------------------------------------------ import

@@ -160,6 +160,13 @@ def placeholder_embeddings(model: Any) -> dict[str, "torch.Tensor"]:
     }
 
 
+def learns_words(method: Any) -> bool:
+    """Whether an applied method is textual inversion (its effect is learned words, not layer updates)."""
+    from adaptkit_plugins.methods._prompt_impl import PlaceholderEmbedding
+
+    return any(isinstance(module, PlaceholderEmbedding) for module in method.added)
+
+
 def write_learned_embeds(model: Any, path: str | Path) -> list[Path]:
     """Write each learned word to a diffusers ``learned_embeds.safetensors`` file; return the paths.
 
