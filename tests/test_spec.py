@@ -68,7 +68,7 @@ def test_unknown_plugin_suggests_and_lists():
 
 
 def test_all_problems_are_reported_at_once():
-    found = problems({**BASE, "methods": [{"name": "lroa"}], "train": {"batch_size": -1}, "data": {"name": "digits", "classes": [3]}})
+    found = problems({**BASE, "methods": [{"name": "lroa"}], "train": {"batch_size": -1}, "data": {"name": "digits", "classes": [3, 3]}})
     assert any(p.startswith("methods[0].name: unknown method 'lroa'") for p in found)
     assert any(p.startswith("train.batch_size:") for p in found)
     assert any(p.startswith("data.classes:") for p in found)

@@ -40,7 +40,7 @@ def test_same_seed_same_result(tmp_path):
     assert any(not torch.equal(v, adapter(c.output_dir)[k]) for k, v in adapter(a.output_dir).items())
 
 
-def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path):
+def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path, monkeypatch):
     whole = adaptkit.run(spec_for(tmp_path, "whole"), **quiet)
 
     crash_run_after(8, lambda: adaptkit.run(spec_for(tmp_path, "crashed"), **quiet))
