@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import pytest
 import torch
-from tests.hf_clip_helpers import tiny_sd_pipeline
 
 import adaptkit
 from adaptkit.errors import AdaptkitError, CompatibilityError
 from adaptkit.surface import PlaceholderSite, Surface, TokenSite, Tower
+from adaptkit_plugins.diffusion.tiny_pipeline import clip_tokenizer, preset_config, tiny_components
 from adaptkit_plugins.methods._prompt_impl import apply
 from adaptkit_plugins.methods.prompt import PromptParams, placeholder_embeddings, write_learned_embeds
 
@@ -133,6 +134,17 @@ def test_textual_inversion_combines_with_dreambooth_prior_preservation(tmp_path)
     assert vector.grad is not None and vector.grad.abs().sum() > 0
 
 
+def tiny_sd_pipeline(hidden: int) -> Any:
+    """diffusers' StableDiffusionPipeline of the sd_tiny components, its text encoder as wide as the
+    clip text tower (its tokenizer is OpenAI CLIP's, written from open_clip's BPE file)."""
+    from diffusers import StableDiffusionPipeline
+
+    config = preset_config()
+    config["text"] = {**config["text"], "hidden_size": hidden, "intermediate_size": 2 * hidden, "max_position_embeddings": 77}
+    return StableDiffusionPipeline(**tiny_components(config), tokenizer=clip_tokenizer(77), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+
+
 def test_the_learned_embeds_file_loads_into_diffusers(tmp_path):
     model = adaptkit.build(spec(tmp_path))
     (vector,) = [p for p in model.parameters() if p.requires_grad]
@@ -140,7 +152,7 @@ def test_the_learned_embeds_file_loads_into_diffusers(tmp_path):
         vector.copy_(torch.randn(64, generator=torch.Generator().manual_seed(1)))
     (file,) = write_learned_embeds(model, tmp_path / "embeds")
     assert file.name == "learned_embeds.safetensors"
-    pipe = tiny_sd_pipeline(tmp_path / "pipe", hidden=64)
+    pipe = tiny_sd_pipeline(hidden=64)
     pipe.load_textual_inversion(str(file.parent))
     token = pipe.tokenizer.convert_tokens_to_ids(WORD)
     torch.testing.assert_close(pipe.text_encoder.get_input_embeddings().weight[token], vector.detach())
