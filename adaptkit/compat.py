@@ -57,12 +57,12 @@ def check_spec(spec: Any, registry: Any) -> list[str]:
     """Every incompatibility between the spec's backbone, methods, task and data."""
     problems: list[str] = []
     backbone: BackboneRecord = registry.get("backbone", spec.backbone.name)
-    towers = backbone.towers_for(spec.backbone)
+    task: TaskRecord = registry.get("task", spec.task.name)
+    towers = task.towers if task.towers is not None else backbone.towers_for(spec.backbone)
     for index, params in enumerate(spec.methods):
         record: MethodRecord = registry.get("method", params.name)
         if record.check is not None:
             problems += [f"methods[{index}]: {p}" for p in record.check(params, backbone.name, towers)]
-    task: TaskRecord = registry.get("task", spec.task.name)
     missing = sorted(task.needs - backbone.capabilities)
     if missing:
         problems.append(

@@ -158,6 +158,9 @@ class TaskRecord(Record):
     data_kinds: frozenset[str] = frozenset()
     #: the flags of ``adaptkit generate`` for a task whose model generates images
     generate_options: GenerateOptions | None = None
+    #: the towers this task's surface has instead of the backbone's (a task that trains a part the
+    #: backbone keeps frozen everywhere else, e.g. ``autoencoder``'s VAE); None: the backbone's
+    towers: Mapping[str, TowerInfo] | None = None
     kind: ClassVar[str] = "task"
 
 

@@ -79,8 +79,9 @@ class SdPipelineBackbone(DiffusionBackbone):
         parts = tiny_components(config, seed=None)
         scheduler = parts["scheduler"]
         tokenizer = clip_tokenizer(int(config["text"]["max_position_embeddings"]))
-        schedule = _schedule(dict(scheduler.config), f"backbone.model: preset '{params.model}'")
-        return cls(parts["unet"], parts["vae"], parts["text_encoder"], tokenizer, dict(scheduler.config), schedule)
+        scheduler_config = {**dict(scheduler.config), "_class_name": type(scheduler).__name__}  # as a folder's config names it
+        schedule = _schedule(scheduler_config, f"backbone.model: preset '{params.model}'")
+        return cls(parts["unet"], parts["vae"], parts["text_encoder"], tokenizer, scheduler_config, schedule)
 
     @classmethod
     def from_folder(cls, folder: Path) -> "SdPipelineBackbone":
@@ -145,6 +146,12 @@ class SdPipelineBackbone(DiffusionBackbone):
             tokens=ContextTokenSite(self.unet.config.cross_attention_dim, cross),
         )
         return Surface("sd_pipeline", {"unet": unet, "text": self.text.tower("text_encoder.")})
+
+    def vae_tower(self) -> Any:
+        """The VAE as a tower (on the surface of the ``autoencoder`` task only: every other task keeps it frozen)."""
+        own = {"encoder.conv_in": "embed", "encoder.conv_out": "proj", "quant_conv": "proj", "post_quant_conv": "proj",
+               "decoder.conv_in": "proj", "decoder.conv_out": "output"}
+        return diffusers_tower("vae", self.vae, "vae.", dim=self.vae.config.block_out_channels[-1], own_roles=own)
 
     # ------------------------------------------------------------------ native (merge, export)
     native_side_modules = ()

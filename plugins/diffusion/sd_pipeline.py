@@ -26,6 +26,9 @@ SD_TOWERS = {
     "unet": unet_tower_info("UNet2DConditionModel", "text"),
     "text": TowerInfo(sites=frozenset({"layers", "blocks", "attention", "tokens", "text"}), roles=TEXT_ROLES, modality="text"),
 }
+#: the VAE, a tower of the ``autoencoder`` task only (every other task keeps it frozen)
+VAE_TOWER = TowerInfo(sites=frozenset({"layers", "blocks", "attention"}),
+                      roles=frozenset({"conv", "attn.q", "attn.k", "attn.v", "attn.out", "embed", "proj", "output"}), modality="image")
 
 
 class SdPipelineParams(BackboneParams):
@@ -55,7 +58,7 @@ def adaptkit_backbones() -> list[BackboneRecord]:
             summary="Stable Diffusion-style latent pipeline (diffusers folder: UNet + VAE + CLIP text encoder + tokenizer "
             "+ scheduler); preset sd_tiny",
             towers=SD_TOWERS,
-            capabilities=frozenset({"denoise"}),
+            capabilities=frozenset({"denoise", "autoencode"}),
             example={
                 "backbone": {"name": "sd_pipeline", "model": "sd_tiny"},
                 "task": {"name": "text_to_image", "preview": 0, "steps": 2},
