@@ -1,7 +1,7 @@
 """Diffusion benchmark: sample quality judged by a digits classifier, and sampling speed vs diffusers.
 
     python benchmarks/diffusion.py                       # every section (several minutes on 2 CPU cores)
-    python benchmarks/diffusion.py --only classcond      # one section: classcond, transfer, unclip, text, textual_inversion, speed, sd
+    python benchmarks/diffusion.py --only classcond      # one section: classcond, transfer, unclip, text, textual_inversion, speed, sd, latent
     python benchmarks/diffusion.py --only text --clip runs/clip_pretrain_digits/adapter.safetensors   # reuse a CLIP
 
 Sections:
@@ -16,6 +16,10 @@ Sections:
 - speed: our DDIM loop against diffusers' DDIMPipeline with the same UNet, seed and steps.
 - sd: a tiny Stable Diffusion-style pipeline: our sampling against StableDiffusionPipeline, and a LoRA
   training step against diffusers' LoRA recipe (PEFT on the UNet), on the same components.
+- latent: latent diffusion trained here on the digits at 32x32 (examples/sd_digits_vae.yaml, then
+  sd_digits_pretrain_0_4.yaml on digits 0-4), adapted by LoRA to 5-9 (sd_lora_digits_5_9.yaml), taught a
+  word for the threes (sd_textual_inversion_digits.yaml) and "sks" for the sevens (sd_dreambooth_lora_digits.yaml);
+  samples are averaged to 8x8 gray for the judge. --runs DIR keeps the runs (and reuses finished ones).
 
 The judge is LogisticRegression(C=1, max_iter=5000) on the 64 raw pixels of the digits'
 training split (about 96% test accuracy on real digits), fed generated images as (x + 1) * 8.
@@ -357,6 +361,125 @@ def sd(work: Path, classifier: Any, repeats: int = 5) -> None:
     table(["what", "ours (s)", "diffusers (s)", "ours / diffusers", "ratio of medians", "max |difference|"], rows)
 
 
+# ----------------------------------------------------------------------------- latent diffusion on the digits
+LATENT = {}  # --runs: where the latent section keeps (and finds) its runs
+
+
+def latent_stage(name: str, work: Path, overrides: list[str] = ()) -> tuple[Any, str]:
+    """Run examples/<name>.yaml into the runs folder, or load it when a finished run of it is there already."""
+    import json
+
+    import adaptkit
+
+    root = LATENT.get("runs", work)
+    out = root / name
+    marker = out / "run.json"
+    if marker.is_file() and json.loads(marker.read_text()).get("status") == "completed":
+        return adaptkit.load_trained(out).eval(), f"{name}: reused {out}"
+    result = run_example(name, root, list(overrides))
+    return result.model.eval(), f"{name}: {result.seconds:.0f} s"
+
+
+def latent_folder(run: str, work: Path) -> Path:
+    """``adaptkit merge`` of a run (once) into the pipeline folder the next stage loads."""
+    from adaptkit.cli import main as cli
+
+    root = LATENT.get("runs", work)
+    folder = root / f"{run}_pipeline"
+    if not (folder / "model_index.json").is_file():
+        if cli(["merge", str(root / run), str(folder), "--overwrite"]) != 0:
+            raise SystemExit(f"merging {root / run} failed")
+    return folder
+
+
+def to_judge(images: torch.Tensor) -> torch.Tensor:
+    """32x32 RGB samples in [-1, 1] -> the judge's 8x8 gray digits (channel mean, 4x4 area average)."""
+    gray = images.float().mean(dim=1, keepdim=True)
+    return torch.nn.functional.avg_pool2d(gray, images.shape[-1] // 8)
+
+
+def judged_prompts(model: Any, classifier: Any, prompts: list[str], wanted: list[int], per: int, guidance: float) -> list[str]:
+    images, _ = model.generate(prompts=prompts, num=per, seed=0, guidance=guidance, steps=50, sampler="ddim")
+    rate, by_digit = agreement(classifier, to_judge(images), [d for d in wanted for _ in range(per)])
+    return figures(rate, by_digit)
+
+
+def latent(work: Path, classifier: Any, per: int = 20) -> None:
+    """Latent diffusion on the digits at 32x32: VAE, UNet on 0-4, then LoRA to 5-9, textual inversion, LoRA-DreamBooth."""
+    from adaptkit_plugins.data.digits import load_digit_images
+    from adaptkit_plugins.data.image_samples import fit_images, stratified_split
+
+    notes = []
+    vae, note = latent_stage("sd_digits_vae", work)
+    notes.append(note)
+    # the VAE alone: test digits through encoder and decoder, judged like samples
+    images, _, digits = load_digit_images(None)
+    _, _, test = stratified_split(digits, (0.7, 0.15, 0.15), 0)
+    real = fit_images(images[test], (32, 32), 3)
+    with torch.no_grad():
+        decoded = torch.cat([vae.reconstruct(real[i:i + 64]) for i in range(0, len(real), 64)])
+    psnr = float(10 * torch.log10(4 / (decoded - real).pow(2).mean()))
+    as_real, _ = agreement(classifier, to_judge(real), list(digits[test]))
+    as_decoded, _ = agreement(classifier, to_judge(decoded), list(digits[test]))
+    print(f"## Latent diffusion on the digits (32x32 RGB, 8x8x4 latents): {'; '.join(notes)}\n")
+    table(["VAE (sd_digits_vae)", "test digits judged correct", "PSNR (dB)", "scaling factor"],
+          [["real test digits, resized to 32x32", f"{100 * as_real:.1f}%", "-", "-"],
+           ["their reconstructions (posterior mean)", f"{100 * as_decoded:.1f}%", f"{psnr:.1f}", f"{vae.latent_scale.factor:.4f}"]])
+
+    latent_folder("sd_digits_vae", work)
+    overrides = [f"backbone.pretrained={LATENT.get('runs', work) / 'sd_digits_vae_pipeline'}"]
+    base, note = latent_stage("sd_digits_pretrain_0_4", work, overrides)
+    notes.append(note)
+    folder = latent_folder("sd_digits_pretrain_0_4", work)
+    on_base = [f"backbone.pretrained={folder}"]
+    lora, note_lora = latent_stage("sd_lora_digits_5_9", work, on_base)
+    word, note_word = latent_stage("sd_textual_inversion_digits", work, on_base)
+    booth, note_booth = latent_stage("sd_dreambooth_lora_digits", work, on_base)
+    notes += [note_lora, note_word, note_booth]
+
+    def digits_prompts(ds: list[int]) -> list[str]:
+        return [f"a handwritten digit {d}" for d in ds]
+
+    low, high = [0, 1, 2, 3, 4], [5, 6, 7, 8, 9]
+    rows = []
+    for guidance in (1.0, 3.0):
+        rows.append(["UNet on 0-4 (sd_digits_pretrain_0_4)", "digits 0-4", f"{guidance:g}",
+                     *judged_prompts(base, classifier, digits_prompts(low), low, per, guidance)])
+        rows.append(["UNet on 0-4, no adaptation", "digits 5-9", f"{guidance:g}",
+                     *judged_prompts(base, classifier, digits_prompts(high), high, per, guidance)])
+        rows.append(["+ LoRA r=8 on 5-9 (sd_lora_digits_5_9)", "digits 5-9", f"{guidance:g}",
+                     *judged_prompts(lora, classifier, digits_prompts(high), high, per, guidance)])
+        rows.append(["+ LoRA r=8 on 5-9", "digits 0-4 (kept?)", f"{guidance:g}",
+                     *judged_prompts(lora, classifier, digits_prompts(low), low, per, guidance)])
+    print(f"{per} samples per digit, DDIM 50 steps, seed 0; {'; '.join(notes[1:])}\n")
+    table(["model", "prompts 'a handwritten digit N'", "guidance", "judge agrees", "per digit (%)"], rows)
+
+    samples = 5 * per
+    rows = []
+    for label, model, prompt, wanted in (
+        ("textual inversion: the initializer word", base, "a handwritten digit digit", 3),
+        ("textual inversion: the learned word (sd_textual_inversion_digits)", word, "a handwritten digit <my-digit>", 3),
+        ("textual inversion: the real word", base, "a handwritten digit 3", 3),
+        ("DreamBooth: base pipeline", base, "a handwritten sks digit", 7),
+        ("DreamBooth: LoRA-DreamBooth (sd_dreambooth_lora_digits)", booth, "a handwritten sks digit", 7),
+    ):
+        for guidance in (1.0, 3.0):
+            rate, _ = judged_rate(model, classifier, prompt, wanted, samples, guidance)
+            rows.append([label, f'"{prompt}"', f"{guidance:g}", f"{100 * rate:.1f}% ({wanted})"])
+    for label, model in (("class prompt, base pipeline", base), ("class prompt, after LoRA-DreamBooth", booth)):
+        images, _ = model.generate(prompts=["a handwritten digit"], num=samples, seed=0, guidance=3.0, steps=50, sampler="ddim")
+        predicted = classifier.predict(((to_judge(images).clamp(-1, 1) + 1) * 8).reshape(samples, -1).numpy())
+        spread = " ".join(f"{d}:{int((predicted == d).sum())}" for d in range(10) if (predicted == d).any())
+        rows.append([label, '"a handwritten digit"', "3", f"judged as {spread}"])
+    print(f"{samples} samples per prompt, DDIM 50 steps, seed 0\n")
+    table(["model", "prompt", "guidance", "judged as the subject"], rows)
+
+
+def judged_rate(model: Any, classifier: Any, prompt: str, wanted: int, samples: int, guidance: float) -> tuple[float, dict[int, float]]:
+    images, _ = model.generate(prompts=[prompt], num=samples, seed=0, guidance=guidance, steps=50, sampler="ddim")
+    return agreement(classifier, to_judge(images), [wanted] * samples)
+
+
 def _ratio(times: dict[str, list[float]]) -> list[str]:
     ours_s, theirs_s = min(times["ours"]), min(times["diffusers"])
     medians = statistics.median(times["ours"]) / statistics.median(times["diffusers"])
@@ -364,7 +487,7 @@ def _ratio(times: dict[str, list[float]]) -> list[str]:
 
 
 SECTIONS = {"classcond": classcond, "transfer": transfer, "unclip": unclip, "text": text,
-            "textual_inversion": textual_inversion, "speed": speed, "sd": sd}
+            "textual_inversion": textual_inversion, "speed": speed, "sd": sd, "latent": latent}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -373,8 +496,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--clip", type=Path, help="the adapter.safetensors of a clip_pretrain_digits run, for unclip and text "
                         "(default: train one)")
+    parser.add_argument("--runs", type=Path, help="latent: the folder of its runs (finished ones are reused; default: a "
+                        "temporary folder, everything trained anew)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.runs is not None:
+        LATENT["runs"] = args.runs.resolve()
     if args.clip is not None:
         if not args.clip.is_file():
             parser.error(f"--clip: {args.clip} is not a file")
