@@ -374,7 +374,7 @@ def latent_stage(name: str, work: Path, overrides: list[str] = ()) -> tuple[Any,
     root = LATENT.get("runs", work)
     out = root / name
     marker = out / "run.json"
-    if marker.is_file() and json.loads(marker.read_text()).get("status") == "completed":
+    if marker.is_file() and json.loads(marker.read_text()).get("status") == "done":
         return adaptkit.load_trained(out).eval(), f"{name}: reused {out}"
     result = run_example(name, root, list(overrides))
     return result.model.eval(), f"{name}: {result.seconds:.0f} s"

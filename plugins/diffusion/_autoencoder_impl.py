@@ -27,22 +27,22 @@ class LatentScale(nn.Module):
 
     def __init__(self, value: float, estimated: bool) -> None:
         super().__init__()
-        self.value = nn.Parameter(torch.tensor(float(value)), requires_grad=estimated)
+        self.value = nn.Parameter(torch.tensor([float(value)]), requires_grad=estimated)  # 1-d: fsdp shards no 0-d tensor
         self.seen = False
 
     @property
     def factor(self) -> float:
-        return float(self.value.detach())
+        return float(self.value.detach()[0])
 
     @torch.no_grad()
     def update(self, latents: torch.Tensor) -> None:
         variance = latents.detach().float().var()
         if not bool(torch.isfinite(variance)) or float(variance) <= 0:
             return
-        old = self.value.float().pow(-2)
+        old = self.value.float().pow(-2)[0]
         new = variance if not self.seen else (1 - MOMENTUM) * old + MOMENTUM * variance
         self.seen = True
-        self.value.copy_(new.rsqrt().to(self.value.dtype))
+        self.value.copy_(new.rsqrt().reshape(1).to(self.value.dtype))
 
 
 class AutoencoderModel(TaskModel):
