@@ -314,3 +314,24 @@ def test_a_diffusers_base_is_sharded_from_its_file_on_two_processes(tmp_path, mo
         assert record["deferred"] and "left on the meta device" in record["build"], record
         assert record["mismatched"] == [], record
         assert 0.4 * record["total"] <= record["local"] <= 0.6 * record["total"], record
+
+
+def test_a_trained_scalar_is_refused_under_fsdp_a_frozen_one_stays_whole(tmp_path):
+    """FSDP2 shards no 0-d parameter: a frozen one (CLIP's logit_scale) is left whole, a trained one is refused."""
+    import torch.distributed as dist
+
+    from adaptkit.distributed import DistInfo, shard_model
+    from adaptkit.errors import RunError
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = adaptkit.build(fsdp_spec(tmp_path, "scalar"))
+        model.backbone.register_parameter("temperature", torch.nn.Parameter(torch.tensor(2.0), requires_grad=False))
+        shard_model(model, torch.device("cpu"), DistInfo())
+        assert type(model.backbone.temperature).__name__ != "DTensor" and float(model.backbone.temperature) == 2.0
+        trained = adaptkit.build(fsdp_spec(tmp_path, "scalar"))
+        trained.backbone.register_parameter("temperature", torch.nn.Parameter(torch.tensor(2.0)))
+        with pytest.raises(RunError, match="backbone.temperature is a trained scalar, which FSDP cannot shard; use train.strategy=ddp"):
+            shard_model(trained, torch.device("cpu"), DistInfo())
+    finally:
+        dist.destroy_process_group()
