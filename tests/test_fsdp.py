@@ -202,10 +202,21 @@ def clip_spec(tmp_path: Path, name: str) -> dict:
     return spec
 
 
-#: backbone -> (its spec, the metric both runs report on the test split, the adapters' relative gap).
-#: At CLIP's lr (0.01) AdamW's normalised first steps move a value whose gradient is near zero by
-#: about lr, in the direction reduce-order noise gives it: CLIP's adapters agree tensor by tensor
-FILE_BACKED = {"vit": (fsdp_spec, "accuracy", None), "clip": (clip_spec, "accuracy", 0.01)}
+def ddpm_spec(tmp_path: Path, name: str) -> dict:
+    """The tiny class-conditioned UNet2DModel (diffusers), with its EMA, and a preview sampled in 2 steps."""
+    spec = fsdp_spec(tmp_path, name)
+    spec.update(backbone={"name": "ddpm_unet", "model": "ddpm_unet_tiny", "conditioning": "class", "num_classes": 10},
+                task={"name": "text_to_image", "preview": 1, "steps": 2})
+    return spec
+
+
+#: backbone -> (its spec, the metric both runs report on the test split, the adapters' relative gap,
+#: the reference run). At CLIP's lr (0.01) AdamW's normalised first steps move a value whose gradient
+#: is near zero by about lr, in the direction reduce-order noise gives it: CLIP's adapters agree tensor
+#: by tensor. The diffusion task's noise and timesteps on 2 processes are not one process's (DDP's
+#: are not either): its reference is DDP on the same 2 processes.
+FILE_BACKED = {"vit": (fsdp_spec, "accuracy", None, "one process"), "clip": (clip_spec, "accuracy", 0.01, "one process"),
+               "ddpm_unet": (ddpm_spec, "loss", None, "ddp")}
 
 
 @pytest.mark.parametrize("backbone", sorted(FILE_BACKED))
@@ -213,16 +224,21 @@ def test_fsdp_reads_only_its_shard_of_a_weights_file_and_matches_one_process(tmp
     """With the base in a safetensors file, each process builds the model on the meta device and
     reads only its rows of each base weight: about half the frozen base per process, the same
     initial trained tensors (heads and LoRA factors do not depend on the base's initialisation),
-    the same losses and the same adapter as one process; no frozen base weight is gathered whole
-    for the checkpoints, the final evaluation or the adapter file."""
+    the same losses, adapter and files as one process, or DDP (the UNet's task keeps an EMA, sharded
+    like what it averages, and samples its preview on every process together); no frozen base weight
+    is gathered whole for the checkpoints, the final evaluation or the adapter file."""
     from safetensors.torch import load_file
 
-    make_spec, metric, relative_gap = FILE_BACKED[backbone]
+    make_spec, metric, relative_gap, reference_run = FILE_BACKED[backbone]
     spec = make_spec(tmp_path, "single_file")
     spec["backbone"]["pretrained"] = base_file(spec, tmp_path)
     reference = adaptkit.build(spec)
     initial = {name: p.detach() for name, p in reference.named_parameters() if p.requires_grad}
-    adaptkit.run(spec, log=lambda line: None)
+    if reference_run == "ddp":
+        ddp = torchrun(tmp_path, spec, "train.strategy=ddp")
+        assert ddp.returncode == 0, ddp.stdout[-2000:] + ddp.stderr[-4000:]
+    else:
+        adaptkit.run(spec, log=lambda line: None)
 
     sharded = {**spec, "output": {"dir": str(tmp_path / "fsdp_file")}}
     cli = tmp_path / "record.py"
@@ -246,7 +262,8 @@ def test_fsdp_reads_only_its_shard_of_a_weights_file_and_matches_one_process(tmp
     assert_same_adapter(tmp_path / "single_file", tmp_path / "fsdp_file", relative_gap)
     a = json.loads((tmp_path / "single_file" / "metrics.json").read_text())
     b = json.loads((tmp_path / "fsdp_file" / "metrics.json").read_text())
-    assert a["test"][metric] == b["test"][metric]
+    torch.testing.assert_close(b["test"][metric], a["test"][metric], rtol=1e-4, atol=1e-6)
+    assert sorted(path.name for path in (tmp_path / "fsdp_file").iterdir()) == sorted(path.name for path in (tmp_path / "single_file").iterdir())
 
 
 def test_strategy_is_validated_and_not_part_of_the_fingerprint(tmp_path):
@@ -285,19 +302,10 @@ with open(os.path.join(os.environ["RECORD_DIR"], f"rank{info.rank}.json"), "w") 
 """
 
 
-def ddpm_spec(tmp_path: Path, name: str) -> dict:
-    """The tiny class-conditioned UNet2DModel (diffusers)."""
-    spec = fsdp_spec(tmp_path, name)
-    spec.update(backbone={"name": "ddpm_unet", "model": "ddpm_unet_tiny", "conditioning": "class", "num_classes": 10},
-                task={"name": "text_to_image", "preview": 0})
-    return spec
-
-
 @pytest.mark.parametrize("layout", ["file", "folder"])
 def test_a_diffusers_base_is_sharded_from_its_file_on_two_processes(tmp_path, monkeypatch, layout):
     """A UNet from a weights file or a diffusers model folder: built on the meta device, each
-    process reads about half the frozen base, and the shards gathered are the whole build's weights.
-    (The diffusion task keeps an EMA, which fsdp refuses to train; the build is what is shared.)"""
+    process reads about half the frozen base, and the shards gathered are the whole build's weights."""
     spec = ddpm_spec(tmp_path, "ddpm")
     if layout == "file":
         spec["backbone"]["pretrained"] = base_file(spec, tmp_path)
@@ -316,22 +324,46 @@ def test_a_diffusers_base_is_sharded_from_its_file_on_two_processes(tmp_path, mo
         assert 0.4 * record["total"] <= record["local"] <= 0.6 * record["total"], record
 
 
-def test_a_trained_scalar_is_refused_under_fsdp_a_frozen_one_stays_whole(tmp_path):
-    """FSDP2 shards no 0-d parameter: a frozen one (CLIP's logit_scale) is left whole, a trained one is refused."""
+@pytest.fixture
+def one_process_group(tmp_path):
+    """A gloo process group of one process (FSDP2 shards over it: DTensors holding the whole tensor)."""
     import torch.distributed as dist
 
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_a_trained_scalar_is_refused_under_fsdp_a_frozen_one_stays_whole(tmp_path, one_process_group):
+    """FSDP2 shards no 0-d parameter: a frozen one (CLIP's logit_scale) is left whole, a trained one is refused."""
     from adaptkit.distributed import DistInfo, shard_model
     from adaptkit.errors import RunError
 
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
-        model = adaptkit.build(fsdp_spec(tmp_path, "scalar"))
-        model.backbone.register_parameter("temperature", torch.nn.Parameter(torch.tensor(2.0), requires_grad=False))
-        shard_model(model, torch.device("cpu"), DistInfo())
-        assert type(model.backbone.temperature).__name__ != "DTensor" and float(model.backbone.temperature) == 2.0
-        trained = adaptkit.build(fsdp_spec(tmp_path, "scalar"))
-        trained.backbone.register_parameter("temperature", torch.nn.Parameter(torch.tensor(2.0)))
-        with pytest.raises(RunError, match="backbone.temperature is a trained scalar, which FSDP cannot shard; use train.strategy=ddp"):
-            shard_model(trained, torch.device("cpu"), DistInfo())
-    finally:
-        dist.destroy_process_group()
+    model = adaptkit.build(fsdp_spec(tmp_path, "scalar"))
+    model.backbone.register_parameter("temperature", torch.nn.Parameter(torch.tensor(2.0), requires_grad=False))
+    shard_model(model, torch.device("cpu"), DistInfo())
+    assert type(model.backbone.temperature).__name__ != "DTensor" and float(model.backbone.temperature) == 2.0
+    trained = adaptkit.build(fsdp_spec(tmp_path, "scalar"))
+    trained.backbone.register_parameter("temperature", torch.nn.Parameter(torch.tensor(2.0)))
+    with pytest.raises(RunError, match="backbone.temperature is a trained scalar, which FSDP cannot shard; use train.strategy=ddp"):
+        shard_model(trained, torch.device("cpu"), DistInfo())
+
+
+def test_an_ema_restored_whole_is_placed_as_its_sharded_parameters(tmp_path, one_process_group):
+    """A resumed run's EMA comes back from the checkpoint whole; under fsdp it is sharded like the
+    parameters it averages at its first use, with the same values."""
+    from torch.distributed.tensor import DTensor
+
+    from adaptkit.distributed import DistInfo, full_tensor, shard_model
+    from adaptkit.ema import WeightAverage
+
+    model = adaptkit.build(fsdp_spec(tmp_path, "ema"))
+    shard_model(model, torch.device("cpu"), DistInfo())
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    whole = {name: full_tensor(p.detach()) + 1.0 for name, p in params.items()}
+    average = WeightAverage(0.5, ramp_start=100.0)  # decay 0.5 from the first step
+    average.start(whole)
+    average.update(params, step=1)
+    for name, param in params.items():
+        assert isinstance(average[name], DTensor) and average[name].placements == param.placements
+        torch.testing.assert_close(full_tensor(average[name]), whole[name] - 0.5)
