@@ -302,16 +302,13 @@ with open(os.path.join(os.environ["RECORD_DIR"], f"rank{info.rank}.json"), "w") 
 """
 
 
-@pytest.mark.parametrize("layout", ["file", "folder"])
-def test_a_diffusers_base_is_sharded_from_its_file_on_two_processes(tmp_path, monkeypatch, layout):
-    """A UNet from a weights file or a diffusers model folder: built on the meta device, each
-    process reads about half the frozen base, and the shards gathered are the whole build's weights."""
+def test_a_diffusers_model_folder_is_sharded_from_its_file_on_two_processes(tmp_path, monkeypatch):
+    """A UNet from a diffusers model folder (``from_config`` + the folder's safetensors file): built
+    on the meta device, each process reads about half the frozen base, and the shards gathered are
+    the whole build's (``from_pretrained``'s) weights. (A weights file trains in the test above.)"""
     spec = ddpm_spec(tmp_path, "ddpm")
-    if layout == "file":
-        spec["backbone"]["pretrained"] = base_file(spec, tmp_path)
-    else:
-        adaptkit.build({**spec, "methods": []}).backbone.unet.save_pretrained(str(tmp_path / "unet"))
-        spec["backbone"]["pretrained"] = str(tmp_path / "unet")
+    adaptkit.build({**spec, "methods": []}).backbone.unet.save_pretrained(str(tmp_path / "unet"))
+    spec["backbone"]["pretrained"] = str(tmp_path / "unet")
     cli = tmp_path / "shard.py"
     cli.write_text(SHARDING_CLI)
     monkeypatch.setenv("RECORD_DIR", str(tmp_path))
