@@ -22,6 +22,7 @@ Usage::
 
     python benchmarks/realsize.py --models vit_b16                 # the CPU-sized run in BENCHMARKS.md
     python benchmarks/realsize.py --device cuda --json out.json    # every model, on a GPU
+    python benchmarks/realsize.py --models sd_unet --skip-full     # the SD 1.5 UNet where AdamW over 860M parameters does not fit
 """
 
 from __future__ import annotations
