@@ -15,7 +15,7 @@ from adaptkit.backbone import Backbone
 from adaptkit.base_fingerprint import base_fingerprint, recording_weights_files
 from adaptkit.compat import check_spec
 from adaptkit.data import DataBundle, DataInfo
-from adaptkit.deferred import deferring, unsourced
+from adaptkit.deferred import CannotDefer, deferring, unsourced
 from adaptkit.errors import AdaptkitError, CompatibilityError, DataError, PluginError
 from adaptkit.method import AppliedMethod
 from adaptkit.precision import resolve_dtype, store_frozen
@@ -130,7 +130,8 @@ def _build(spec: RunSpec, reg: Registry, keep_data: bool, defer: bool) -> TaskMo
                 raise
             # a library that moves or computes with its weights while creating the model (open_clip's
             # create_model calls .to(device)); a real error is raised again by the whole build
-            raise NotDeferrable(f"the backbone cannot be created on the meta device: {type(exc).__name__}") from exc
+            why = str(exc) if isinstance(exc, CannotDefer) else type(exc).__name__
+            raise NotDeferrable(f"the backbone cannot be created on the meta device: {why}") from exc
     if defer and (reason := unsourced(backbone)) is not None:
         raise NotDeferrable(reason)
     backbone.registered_name = backbone_record.name

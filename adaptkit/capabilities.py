@@ -63,8 +63,9 @@ class KeepsTrainingState(Protocol):
     ``extra_state()`` returns them for every checkpoint, ``load_extra_state(tensors)``
     restores them when a run resumes, and ``finish_training()`` runs once after the last
     optimizer step: it puts into the trained parameters what the run reports, so that the
-    final metrics, the adapter file and a merge all describe one model. fsdp refuses such
-    a task (it does not shard the copies).
+    final metrics, the adapter file and a merge all describe one model. Under fsdp the copies
+    are made from the sharded trained tensors (sharded alike; a checkpoint's, restored whole, are
+    placed so by :class:`adaptkit.ema.WeightAverage`), and gathered whole for checkpoints.
     """
 
     def extra_state(self) -> dict[str, torch.Tensor]: ...

@@ -66,9 +66,10 @@ def _content_hash(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | N
 
 
 def first_non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
-    """The name of the first floating-point tensor holding NaN or infinity, or None."""
+    """The name of the first floating-point tensor holding NaN or infinity, or None. Meta tensors
+    (a deferred build's, :mod:`adaptkit.deferred`) hold no values yet: they are checked when read."""
     for name, tensor in tensors.items():
-        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not all_finite(tensor):
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not tensor.is_meta and not all_finite(tensor):
             return name
     return None
 

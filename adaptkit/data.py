@@ -120,8 +120,8 @@ class InputConfig:
 
     size: tuple[int, int]
     channels: int = 3
-    mean: tuple[float, ...] = (0.5, 0.5, 0.5)
-    std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    mean: tuple[float, ...] = (0.5,)  # one value: repeated for any number of channels (4 for a latent UNet)
+    std: tuple[float, ...] = (0.5,)
     interpolation: str = "bilinear"
     crop_pct: float = 1.0
     crop_mode: str = "center"

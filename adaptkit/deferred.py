@@ -53,6 +53,11 @@ class LazyWeight:
             return handle.get_slice(self.key)[start:stop]
 
 
+class CannotDefer(Exception):
+    """Raised by a backbone inside :func:`deferring` for a base it cannot leave on the meta device;
+    the build then builds the whole model on every process, logging the message."""
+
+
 def active() -> bool:
     """Whether a deferred build is under way (weights files are then read lazily)."""
     return _DEFERRING.get()
@@ -64,21 +69,32 @@ def deferring() -> Iterator[None]:
 
     Parameters move to the meta device as modules register them (as ``accelerate``'s
     ``init_empty_weights`` does): ``torch.device("meta")`` would also empty the buffers that
-    libraries compute in ``__init__`` (Swin's relative position index), which no file holds.
+    libraries compute in ``__init__`` (Swin's relative position index, CLIP's causal mask),
+    which no file holds. A module moved to the CPU inside the block stays as it is.
     """
-    original = nn.Module.register_parameter
+    original, original_to = nn.Module.register_parameter, nn.Module.to
 
     def register_parameter(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
         if param is not None and param.device.type != "meta":
             param = nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
         original(module, name, param)
 
+    def to(module: nn.Module, *args: object, **kwargs: object) -> nn.Module:
+        # open_clip's create_model ends with model.to("cpu"): the real tensors are there already and
+        # the meta ones wait for their shards; any other move or cast is done (meta stays meta)
+        device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+        if dtype is None and device is not None and device.type == "cpu":
+            return module
+        return original_to(module, *args, **kwargs)
+
     token = _DEFERRING.set(True)
     nn.Module.register_parameter = register_parameter  # type: ignore[method-assign]
+    nn.Module.to = to  # type: ignore[method-assign]
     try:
         yield
     finally:
         nn.Module.register_parameter = original  # type: ignore[method-assign]
+        nn.Module.to = original_to  # type: ignore[method-assign]
         _DEFERRING.reset(token)
 
 
@@ -106,19 +122,21 @@ def lazy_safetensors(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_base_state(net: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """``net.load_state_dict(state, strict=True)``; in a deferred build, each meta parameter
+def load_base_state(net: nn.Module, state: dict[str, torch.Tensor], strict: bool = True) -> None:
+    """``net.load_state_dict(state, strict=strict)``; in a deferred build, each meta parameter
     remembers where its values lie instead (buffers are copied: they are small and real).
+    With ``strict=False`` (a file holding part of a model) what the file lacks stays as it is:
+    on the meta device without a source, which :func:`unsourced` then names.
 
     Backbones call this after mapping a file's names to their own (``state`` may come from
     :func:`adaptkit.checkpoint.load_weights`)."""
     with torch.no_grad():
         if not active():
-            net.load_state_dict(state, strict=True)
+            net.load_state_dict(state, strict=strict)
             return
         params, buffers = dict(net.named_parameters()), dict(net.named_buffers())
         expected = set(params) | {key for key in buffers if _persistent(net, key)}
-        missing = sorted(expected - set(state))
+        missing = sorted(expected - set(state)) if strict else []
         unexpected = sorted(set(state) - set(params) - set(buffers))
         if missing or unexpected:
             raise RuntimeError(f"load_base_state: missing {missing[:3]}, unexpected {unexpected[:3]}")

@@ -81,7 +81,8 @@ def fsdp_available() -> bool:
 def shard_model(model: torch.nn.Module, device: torch.device, info: DistInfo) -> int:
     """Shard ``model`` in place with FSDP2 over all processes: one unit per block the
     model's adaptation surface lists (every tower's ``blocks``), plus the root for the
-    rest (embeddings, norms, heads). Frozen and trainable parameters may share a unit.
+    rest (embeddings, norms, heads). Frozen and trainable parameters may share a unit; frozen
+    scalars (CLIP's logit_scale) stay whole, since FSDP2 shards no 0-d parameter.
     A model built with its base on the meta device (``build(defer_base=True)``) is sharded
     there and each process then reads only its rows of every base weight from the files.
     Returns the number of block units."""
@@ -101,10 +102,16 @@ def shard_model(model: torch.nn.Module, device: torch.device, info: DistInfo) ->
         kept, found = keep_real(model), sources(model)
         model.to("meta")
     mesh = init_device_mesh(device.type, (info.world,))
+    # FSDP2 cannot shard a 0-d parameter (CLIP's logit_scale): a frozen one stays whole on every process
+    scalars = {p for p in model.parameters() if p.ndim == 0}
+    trained = sorted(name for name, p in model.named_parameters() if p in scalars and p.requires_grad)
+    if trained:
+        raise RunError(f"train.strategy is 'fsdp' but {trained[0]} is a trained scalar, which FSDP cannot shard; "
+                       "use train.strategy=ddp, or leave it frozen")
     blocks = surface_blocks(model)
     for block in blocks:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(block, mesh=mesh, ignored_params=scalars)
+    fully_shard(model, mesh=mesh, ignored_params=scalars)
     if deferred:
         model.to_empty(device=device)
         fill_shards(model, kept, found, info.rank, info.world)

@@ -82,8 +82,22 @@ class WeightAverage(nn.Module):
             self.register_buffer(self._buffer_name(name), value.detach().float().clone(), persistent=False)
 
     @torch.no_grad()
+    def _place_like(self, params: Mapping[str, torch.Tensor]) -> None:
+        """Averages restored whole (a checkpoint's) placed as their parameters are: sharded the
+        same way when those are (``train.strategy: fsdp``); a no-op otherwise."""
+        from torch.distributed.tensor import DTensor
+
+        from adaptkit.distributed import like
+
+        for name in self._names:
+            average, param = self[name], params[name]
+            if isinstance(param, DTensor) and not isinstance(average, DTensor):
+                self.register_buffer(self._buffer_name(name), like(average, param).float(), persistent=False)
+
+    @torch.no_grad()
     def update(self, params: Mapping[str, torch.Tensor], step: int) -> None:
         """Move the average towards ``params`` after optimizer step ``step`` (no-op before :meth:`start`)."""
+        self._place_like(params)
         decay = self.decay_at(step)
         for name in self._names:
             self[name].lerp_(params[name].detach().float(), 1 - decay)
@@ -100,6 +114,7 @@ class WeightAverage(nn.Module):
     @torch.no_grad()
     def copy_to(self, params: Mapping[str, torch.Tensor]) -> None:
         """Put the average into ``params`` for good (the end of training)."""
+        self._place_like(params)
         for name in self._names:
             params[name].copy_(self[name].to(params[name].dtype))
 

@@ -138,11 +138,15 @@ def _run_in(rundir: RunTransaction, spec: RunSpec, reg: Any, device: Any, dist: 
                                         options=loader, loader=kept)
             skipped[split] = int(final[split].pop("skipped", 0)) if isinstance(final[split], dict) else 0
     files: list[str] = []
+    if trainer is not None and trainer.fsdp and not dist.main:
+        # a task's files may come from running the model (samples), which every process of a sharded model runs together
+        write_sharded_artifacts(model, final)
     if dist.main:
         save_adapter(model, rundir.run.adapter, state=trained)
         files.append(rundir.run.adapter.name)
-        for split, metrics in final.items():
-            files += model.write_artifacts(metrics, out, split)
+        with unsharded_root(model):
+            for split, metrics in final.items():
+                files += model.write_artifacts(metrics, out, split)
         summary = {
             "val": TaskModel.scalar_metrics(final.get("val", {})),
             "test": TaskModel.scalar_metrics(final.get("test", {})),
@@ -168,6 +172,18 @@ def _run_in(rundir: RunTransaction, spec: RunSpec, reg: Any, device: Any, dist: 
     return files, final, model, trainable, total
 
 
+
+
+def write_sharded_artifacts(model: Any, final: dict[str, Any]) -> None:
+    """What a process other than rank 0 does while rank 0 writes a sharded model's artifacts:
+    the same calls, into a scratch directory that is then removed."""
+    import tempfile
+
+    from adaptkit.distributed import unsharded_root
+
+    with tempfile.TemporaryDirectory() as scratch, unsharded_root(model):
+        for split, metrics in final.items():
+            model.write_artifacts(metrics, Path(scratch), split)
 
 
 def load_run(path: str | Path, overrides: list[str] | None = None, device: str = "cpu") -> Any:

@@ -84,7 +84,9 @@ class TaskModel(nn.Module):
         return {}
 
     def write_artifacts(self, metrics: dict[str, Any], output_dir: Path, split: str) -> list[str]:
-        """Write task-specific files (confusion matrix, samples); return their names."""
+        """Write task-specific files (confusion matrix, samples); return their names. Under
+        fsdp every process calls it (in the same order; the others into a scratch directory),
+        so that it may run the sharded model."""
         return []
 
     @staticmethod

@@ -263,12 +263,7 @@ class Trainer:
             compile_blocks(model)
         if self.cfg.strategy == "fsdp" and not self.dist.enabled:
             self.log("train.strategy is fsdp but this is one process (not launched with torchrun): nothing to shard, training as a plain loop")
-        if self.fsdp:
-            if isinstance(model, KeepsTrainingState):
-                raise RunError(
-                    f"train.strategy: task '{model.adaptkit.spec.task.name}' keeps copies of its weights besides the "
-                    "trained ones (EMA), which fsdp does not shard; use train.strategy=ddp (or auto)"
-                )
+        if self.fsdp:  # (a task's EMA copies of the trained tensors are made from them, sharded alike)
             units = shard_model(model, self.device, self.dist)
             if self.dist.main:
                 built = model.adaptkit.base_build or "every process built the whole model"
@@ -467,7 +462,7 @@ class Trainer:
             if state:
                 optimizer.state[p] = state
         extra = {name[len("task."):]: t.to(self.device) for name, t in tensors.items() if name.startswith("task.")}
-        if extra and isinstance(self.model, KeepsTrainingState):  # (fit refuses fsdp for tasks that keep such state)
+        if extra and isinstance(self.model, KeepsTrainingState):  # (whole: under fsdp the task places them as its parameters)
             self.model.load_extra_state(extra)
         torch.set_rng_state(tensors["rng.torch"])
         if "rng.cuda" in tensors and self.device.type == "cuda":

@@ -55,6 +55,38 @@ def vit_spec(tmp_path):
     return tiny_vit_spec(tmp_path)
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "real_plots: matplotlib lays out and rasterises figures for real (see _quick_plots)")
+
+
+def _blank_png(figure, fname, *args, dpi=None, format=None, **kwargs):
+    """``Figure.savefig`` stand-in: a white PNG of the figure's size in pixels."""
+    from matplotlib import rcParams
+    from PIL import Image
+
+    dpi = figure.dpi if dpi in (None, "figure") and rcParams["savefig.dpi"] == "figure" else dpi or rcParams["savefig.dpi"]
+    width, height = (max(1, int(inches * dpi)) for inches in figure.get_size_inches())
+    Image.new("RGB", (width, height), "white").save(fname, format="PNG")
+
+
+@pytest.fixture(autouse=True)
+def _quick_plots(request):
+    """Runs write figures (training curves, confusion matrices, edit strips) with matplotlib; laying
+    one out and rasterising it costs 1-2 s on a loaded CPU, most of a tiny run's time. Our code
+    still builds every figure (axes, images, labels, texts); only ``tight_layout`` and the
+    rasterising in ``savefig`` are skipped, the file written being a blank PNG of the figure's size.
+    tests/test_plots.py draws each kind of figure for real (marker ``real_plots``)."""
+    if request.node.get_closest_marker("real_plots"):
+        yield
+        return
+    from matplotlib.figure import Figure
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Figure, "tight_layout", lambda figure, *args, **kwargs: None)
+        patch.setattr(Figure, "savefig", _blank_png)
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _torch_threads():
     try:

@@ -18,12 +18,14 @@ CASES = {
     "vit_lora": ("vit", "vit_tiny_digits", [{"name": "lora", "rank": 2}]),
     "vit_prefix": ("vit", "vit_tiny_digits", [{"name": "prefix"}]),
     "swin_lora": ("swin", "swin_tiny_digits", [{"name": "lora", "rank": 2}]),
+    "clip_lora": ("clip", "clip_tiny_digits", [{"name": "lora", "rank": 2}]),
 }
 
 
 def spec_for(backbone: str, model: str, methods: list) -> dict:
+    task, data = ({"name": "zero_shot"}, {"name": "digits", "classes": [0, 1]}) if backbone == "clip" else ({"name": "classification"}, {"name": "digits"})
     return {"name": "deferred", "seed": 3, "backbone": {"name": backbone, "model": model}, "methods": methods,
-            "task": {"name": "classification"}, "data": {"name": "digits"}}
+            "task": task, "data": data}
 
 
 def with_weights_file(spec: dict, tmp_path, change=None) -> dict:
@@ -80,10 +82,13 @@ def test_a_base_that_cannot_wait_on_the_meta_device_is_built_whole_saying_why(tm
     assert not is_deferred(random_base)
     assert random_base.adaptkit.base_build.startswith("every process built the whole model (")
     assert "is not read from a safetensors weights file" in random_base.adaptkit.base_build
-    clip = {"name": "clip", "seed": 0, "backbone": {"name": "clip"}, "methods": [{"name": "lora", "rank": 2}],
-            "task": {"name": "zero_shot"}, "data": {"name": "digits", "classes": [0, 1]}}
-    whole = build(with_weights_file(clip, tmp_path), defer_base=True)
-    assert not is_deferred(whole) and whole.adaptkit.base_build.startswith("every process built the whole model")
+    ddpm = {"name": "ddpm", "seed": 0, "backbone": {"name": "ddpm_unet", "model": "ddpm_unet_tiny"}, "methods": [{"name": "lora", "rank": 2}],
+            "task": {"name": "text_to_image", "preview": 0}, "data": {"name": "digits"}}
+    build({**ddpm, "methods": []}).backbone.unet.save_pretrained(str(tmp_path / "unet"), safe_serialization=False)
+    pickled = build({**ddpm, "backbone": {**ddpm["backbone"], "pretrained": str(tmp_path / "unet")}}, defer_base=True)
+    assert not is_deferred(pickled)
+    assert pickled.adaptkit.base_build == (f"every process built the whole model (the backbone cannot be created on the meta device: "
+                                           f"{tmp_path / 'unet'} holds no diffusion_pytorch_model.safetensors to read by rows)")
 
 
 def test_a_deferred_weight_holding_nan_is_refused_when_read(tmp_path):

@@ -122,11 +122,11 @@ def test_open_clip_hub_directory_refuses_another_named_model(tmp_path):
 def unet2d(**extra):
     import diffusers
 
-    return diffusers.UNet2DModel(
-        sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(16, 32),
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=8, attention_head_dim=8, **extra,
-    )
+    return diffusers.UNet2DModel(**{
+        "sample_size": 8, "in_channels": 1, "out_channels": 1, "layers_per_block": 1, "block_out_channels": (16, 32),
+        "down_block_types": ("DownBlock2D", "AttnDownBlock2D"), "up_block_types": ("AttnUpBlock2D", "UpBlock2D"),
+        "norm_num_groups": 8, "attention_head_dim": 8, **extra,
+    })
 
 
 def unet2d_condition():
@@ -167,6 +167,19 @@ def test_diffusers_unet2d_condition_directory_loads_by_directory_alone(tmp_path)
     same_noise(model, unet, {"context": context}, {"encoder_hidden_states": context})
     with pytest.raises(AdaptkitError, match="cond' is a cross-attention UNet; condition it on class or text"):
         adaptkit.build(diffusion_spec(tmp_path / "cond"))
+
+
+def test_four_channel_unet_directory_trains_on_image_data(tmp_path):
+    """A UNet with 4 input channels (a latent UNet's shape) builds with image data: the [-1, 1]
+    normalisation covers every channel (it once failed: "3 normalisation values for 4 channels")."""
+    unet2d(in_channels=4, out_channels=4).save_pretrained(tmp_path / "four")
+    model = adaptkit.build(diffusion_spec(tmp_path / "four"), keep_data=True)
+    config = model.backbone.input_config()
+    assert config.channels == 4 and config.mean == (0.5,) * 4 and config.std == (0.5,) * 4
+    assert model.adaptkit.data_info.channels == 4
+    images = model.adaptkit.data.train.batch([0, 1])["images"]
+    assert images.shape == (2, 4, 8, 8) and images.min() >= -1 and images.max() <= 1
+    assert torch.isfinite(model.training_step({"images": images, "labels": torch.tensor([0, 1])}).loss)
 
 
 def test_diffusers_pipeline_folder_loads_with_its_noise_schedule(tmp_path):

@@ -193,3 +193,18 @@ def test_the_adapter_the_merge_and_the_reported_metrics_describe_one_generator(t
     trainer = Trainer(loaded, data, TrainSpec(max_steps=1, batch_size=8, progress=False), seed=0, lr=1e-3, weight_decay=0.0,
                       output_dir=tmp_path, device=torch.device("cpu"), dist=DistInfo())
     assert trainer.evaluate("test")["mmd"] == pytest.approx(result.metrics["test"]["mmd"], rel=1e-5)
+
+
+def test_fsdp_under_torchrun_is_refused_with_a_clear_error(tmp_path, monkeypatch):
+    """The generator reads every block's style weights outside the block, where FSDP would not gather them."""
+    import torch.distributed as dist
+
+    from adaptkit.errors import CompatibilityError
+
+    spec = gan_spec(tmp_path)
+    spec["train"]["strategy"] = "fsdp"
+    adaptkit.build(spec)  # one process: fsdp trains as a plain loop
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda *args: 2)
+    with pytest.raises(CompatibilityError, match="backbone 'stylegan2': train.strategy fsdp is not supported .* use train.strategy=ddp"):
+        adaptkit.build(spec)

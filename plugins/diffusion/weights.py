@@ -11,7 +11,9 @@ import torch
 from torch import nn
 
 from adaptkit.base_fingerprint import note_weights_file, safetensors_dtypes
+from adaptkit import deferred
 from adaptkit.checkpoint import load_weights, refuse_non_finite
+from adaptkit.deferred import load_base_state
 from adaptkit.errors import CheckpointError, PluginError, did_you_mean
 
 
@@ -73,6 +75,8 @@ def from_directory(folder: Path, family: tuple[str, ...], where: str) -> nn.Modu
     level = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity(60)  # above CRITICAL: our error says what is wrong; diffusers' own logs only add noise
     try:
+        if deferred.active():
+            return deferred_from_directory(folder, getattr(diffusers, arch), config)
         model = getattr(diffusers, arch).from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError, RuntimeError, TypeError, KeyError) as exc:
         raise CheckpointError(f"{where}: cannot load the diffusers model in {folder}: {str(exc)[:300]}") from None
@@ -85,6 +89,20 @@ def from_directory(folder: Path, family: tuple[str, ...], where: str) -> nn.Modu
 
 #: the weights files ``from_pretrained`` reads from a model folder (no variant), in its order of preference
 DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+
+
+def deferred_from_directory(folder: Path, cls: type, config: dict[str, Any]) -> nn.Module:
+    """A model folder's model with its parameters left on the meta device, each knowing where in
+    the folder's safetensors file its values lie (``train.strategy: fsdp``, :mod:`adaptkit.deferred`):
+    ``from_config`` builds the architecture, our loader maps the file strictly (``from_pretrained``
+    would read every weight). A folder holding only a ``.bin`` cannot be read by rows: its model
+    is then built whole on every process."""
+    path = folder / DIFFUSERS_WEIGHTS[0]
+    if not path.is_file():
+        raise deferred.CannotDefer(f"{folder} holds no {DIFFUSERS_WEIGHTS[0]} to read by rows")
+    model = cls.from_config(config)
+    load_base_state(model, load_weights(path))
+    return model
 
 
 def note_directory_weights(folder: Path) -> None:
@@ -190,5 +208,4 @@ def load_into(
         if own[key].is_floating_point() and not tensor.is_floating_point():
             raise CheckpointError(f"{where}: {path}: {key} holds {tensor.dtype} values, the model expects floating point")
     check_finite_weights(state, f"{where}: {path}")
-    with torch.no_grad():
-        module.load_state_dict(state, strict=False)
+    load_base_state(module, state, strict=False)

@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from adaptkit.errors import CompatibilityError
 from adaptkit.hookspecs import hookimpl
 from adaptkit.params import BackboneParams
 from adaptkit.records import BackboneRecord, TowerInfo
@@ -63,7 +64,21 @@ class StyleGan2Params(BackboneParams):
 def build_stylegan2(params: StyleGan2Params, ctx: Any) -> Any:
     from adaptkit_plugins.stylegan.generator import StyleGan2Backbone
 
+    refuse_sharding(ctx)
     return StyleGan2Backbone.create(params, ctx)
+
+
+def refuse_sharding(ctx: Any) -> None:
+    """A clear error for ``train.strategy: fsdp`` under torchrun: the generator computes every
+    block's styles (StyleSpace) before running the blocks, outside the block's own forward, where
+    FSDP gathers a block's weights; the sharded weights would reach the maths unsharded."""
+    import torch.distributed as dist
+
+    if ctx.spec.train.strategy == "fsdp" and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        raise CompatibilityError(
+            "backbone 'stylegan2': train.strategy fsdp is not supported (the generator reads every block's style "
+            "weights outside the block, where FSDP does not gather them); use train.strategy=ddp"
+        )
 
 
 @hookimpl
