@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import random
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
@@ -157,7 +158,11 @@ def _build(spec: RunSpec, reg: Registry, keep_data: bool, defer: bool) -> TaskMo
     store_frozen(model.backbone, dtype)
     model.adaptkit = BuildInfo(spec, base_fp, applied, data.info, data if keep_data else None, dtype)
     if defer:
-        files = ", ".join(path.name for path in weights_read.files)
+        names = [path.name for path in weights_read.files]
+        if len(set(names)) < len(names):  # a pipeline's parts share file names: say whose, from the folder they share
+            common = os.path.commonpath([str(path) for path in weights_read.files])
+            names = [os.path.relpath(path, common) for path in weights_read.files]
+        files = ", ".join(names)
         model.adaptkit.base_build = f"base weights left on the meta device; each process reads its shard of {files}"
     return model
 

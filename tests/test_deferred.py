@@ -112,3 +112,58 @@ def test_a_deferred_model_trained_without_torchrun_is_read_whole_first(tmp_path)
     assert not is_deferred(prepared)
     assert torch.equal(prepared.backbone.net.blocks[0].attn.qkv.weight, build(spec).backbone.net.blocks[0].attn.qkv.weight)
     assert all(p.requires_grad for _, p in trainer.trainable) and dict(trainer.trainable).keys() == trained(prepared).keys()
+
+
+def assert_fills_in_to(whole, deferred) -> None:
+    assert is_deferred(deferred) and deferred.adaptkit.base_fingerprint == whole.adaptkit.base_fingerprint
+    fill_whole(deferred)
+    a, b = whole.state_dict(), deferred.state_dict()
+    assert sorted(a) == sorted(b) and a
+    for name, value in a.items():
+        assert torch.equal(b[name], value), name
+
+
+def test_a_pipeline_folder_waits_on_the_meta_device_part_by_part(tmp_path):
+    """sd_pipeline: the UNet, VAE and CLIP text encoder of a diffusers pipeline folder are each built
+    from their config and read from their own safetensors file; a text encoder kept as a pickle
+    (pytorch_model.bin) is built whole, saying so."""
+    from adaptkit_plugins.diffusion.tiny_pipeline import write_tiny_pipeline
+
+    folder = write_tiny_pipeline(tmp_path / "pipe", seed=0)
+    spec = {"name": "sd", "seed": 0, "backbone": {"name": "sd_pipeline", "pretrained": str(folder)},
+            "methods": [{"name": "lora", "rank": 2, "tower": "all", "targets": ["attn.q", "attn.v"]}],
+            "task": {"name": "text_to_image", "preview": 0}, "data": {"name": "digits_captions"}}
+    deferred = build(spec, defer_base=True)
+    assert deferred.adaptkit.base_build == ("base weights left on the meta device; each process reads its shard of "
+                                            "unet/diffusion_pytorch_model.safetensors, vae/diffusion_pytorch_model.safetensors, "
+                                            "text_encoder/model.safetensors")
+    assert deferred.backbone.native_attention == build(spec).backbone.native_attention
+    assert_fills_in_to(build(spec), deferred)
+
+    from safetensors.torch import load_file
+
+    text = folder / "text_encoder"
+    torch.save(load_file(str(text / "model.safetensors")), str(text / "pytorch_model.bin"))
+    (text / "model.safetensors").unlink()
+    pickled = build(spec, defer_base=True)
+    assert not is_deferred(pickled)
+    assert pickled.adaptkit.base_build.endswith(f"{text} holds no model.safetensors to read by rows)")
+
+
+def test_unclip_waits_on_the_meta_device_when_every_part_has_a_file(tmp_path):
+    """unclip: the CLIP and both stages read from their files (a stage file holds backbone.prior.* or
+    backbone.decoder.*, as a stage run's adapter does)."""
+    tiny = {"name": "unclip", "stage": "decoder", "prior": {"model": "unclip_prior_tiny"}, "decoder": {"model": "unclip_decoder_tiny"}}
+    spec = {"name": "unclip", "seed": 0, "backbone": tiny, "methods": [{"name": "lora", "rank": 2, "tower": "decoder"}],
+            "task": {"name": "text_to_image", "preview": 0}, "data": {"name": "digits_captions"}}
+    state = {k: v.contiguous().clone() for k, v in build({**spec, "methods": []}).backbone.state_dict().items()}
+    save_file({k[len("clip.net."):]: v for k, v in state.items() if k.startswith("clip.")}, str(tmp_path / "clip.safetensors"))
+    for stage, own in (("prior", ("prior.", "token_proj.")), ("decoder", ("decoder.", "image_proj."))):
+        save_file({f"backbone.{k}": v for k, v in state.items() if k.startswith(own)}, str(tmp_path / f"{stage}.safetensors"))
+    files = {"clip": {"pretrained": str(tmp_path / "clip.safetensors")},
+             "prior": {**tiny["prior"], "pretrained": str(tmp_path / "prior.safetensors")},
+             "decoder": {**tiny["decoder"], "pretrained": str(tmp_path / "decoder.safetensors")}}
+    spec["backbone"] = {**tiny, **files}
+    deferred = build(spec, defer_base=True)
+    assert "each process reads its shard of clip.safetensors, prior.safetensors, decoder.safetensors" in deferred.adaptkit.base_build
+    assert_fills_in_to(build(spec), deferred)

@@ -73,10 +73,27 @@ def test_condition_dropout_swaps_in_the_null_class(tmp_path):
     assert torch.allclose(dropped, null) and not torch.allclose(dropped, kept)
 
 
+def test_every_process_computes_the_null_condition_when_any_drops_one(tmp_path, monkeypatch):
+    """Under fsdp the null condition runs the (sharded) text encoder, whose gathers are collectives:
+    every process must compute it at the same steps, though each drops its own samples."""
+    from adaptkit_plugins.diffusion import _text_to_image_impl as impl
+
+    model = built(tmp_path, task={"condition_dropout": 0.1})
+    original = model.backbone.denoiser.null_condition
+    steps = {0: [], 1: []}
+    for rank in (0, 1):
+        monkeypatch.setattr(impl, "_world", lambda rank=rank: (2, rank))
+        model.backbone.denoiser.null_condition = lambda n, rank=rank: steps[rank].append(step) or original(n)
+        torch.manual_seed(0)
+        for step in range(12):
+            model.training_step(digits_batch(4))
+    assert steps[0] == steps[1] and steps[0]
+
+
 def test_dropout_rate_is_the_configured_share(tmp_path):
     model = built(tmp_path, task={"condition_dropout": 0.25})
     seen = []
-    model.drop_condition = lambda cond, drop: seen.append(drop) or cond
+    model.drop_condition = lambda cond, drop, any_process=False: seen.append(drop) or cond
     torch.manual_seed(0)
     for _ in range(40):
         model.training_step(digits_batch(16))

@@ -210,13 +210,31 @@ def ddpm_spec(tmp_path: Path, name: str) -> dict:
     return spec
 
 
+def sd_spec(tmp_path: Path, name: str) -> dict:
+    """A tiny Stable Diffusion-style pipeline folder (its own three safetensors files), LoRA on the
+    UNet and the text encoder, captions dropped for guidance (the null condition runs the sharded
+    text encoder: a collective every process joins)."""
+    from adaptkit_plugins.diffusion.tiny_pipeline import write_tiny_pipeline
+
+    spec = fsdp_spec(tmp_path, name)
+    folder = tmp_path / "pipe"
+    if not folder.is_dir():
+        write_tiny_pipeline(folder, seed=0)
+    spec.update(backbone={"name": "sd_pipeline", "pretrained": str(folder)},
+                methods=[{"name": "lora", "rank": 2, "dropout": 0.0, "tower": "all", "targets": ["attn.q", "attn.v"]}],
+                task={"name": "text_to_image", "preview": 0, "steps": 2, "condition_dropout": 0.3}, data={"name": "digits_captions"})
+    return spec
+
+
 #: backbone -> (its spec, the metric both runs report on the test split, the adapters' relative gap,
 #: the reference run). At CLIP's lr (0.01) AdamW's normalised first steps move a value whose gradient
 #: is near zero by about lr, in the direction reduce-order noise gives it: CLIP's adapters agree tensor
 #: by tensor. The diffusion task's noise and timesteps on 2 processes are not one process's (DDP's
 #: are not either): its reference is DDP on the same 2 processes.
 FILE_BACKED = {"vit": (fsdp_spec, "accuracy", None, "one process"), "clip": (clip_spec, "accuracy", 0.01, "one process"),
-               "ddpm_unet": (ddpm_spec, "loss", None, "ddp")}
+               "ddpm_unet": (ddpm_spec, "loss", None, "ddp"), "sd_pipeline": (sd_spec, "loss", None, "ddp")}
+#: the files the meta build reads, as its line names them
+READS = {"sd_pipeline": "unet/diffusion_pytorch_model.safetensors, vae/diffusion_pytorch_model.safetensors, text_encoder/model.safetensors"}
 
 
 @pytest.mark.parametrize("backbone", sorted(FILE_BACKED))
@@ -231,7 +249,8 @@ def test_fsdp_reads_only_its_shard_of_a_weights_file_and_matches_one_process(tmp
 
     make_spec, metric, relative_gap, reference_run = FILE_BACKED[backbone]
     spec = make_spec(tmp_path, "single_file")
-    spec["backbone"]["pretrained"] = base_file(spec, tmp_path)
+    if not spec["backbone"].get("pretrained"):
+        spec["backbone"]["pretrained"] = base_file(spec, tmp_path)
     reference = adaptkit.build(spec)
     initial = {name: p.detach() for name, p in reference.named_parameters() if p.requires_grad}
     if reference_run == "ddp":
@@ -246,7 +265,7 @@ def test_fsdp_reads_only_its_shard_of_a_weights_file_and_matches_one_process(tmp
     monkeypatch.setenv("RECORD_DIR", str(tmp_path))
     done = torchrun(tmp_path, sharded, cli=[str(cli)])
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-    assert "base weights left on the meta device; each process reads its shard of base.safetensors" in done.stdout
+    assert f"base weights left on the meta device; each process reads its shard of {READS.get(backbone, 'base.safetensors')};" in done.stdout
     for rank in (0, 1):
         record = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert record["deferred"], record

@@ -10,7 +10,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from adaptkit import deferred
 from adaptkit.base_fingerprint import note_weights_file, safetensors_dtypes
+from adaptkit.checkpoint import load_weights
+from adaptkit.deferred import load_base_state
 from adaptkit.errors import CheckpointError
 from adaptkit.surface import Surface
 from adaptkit_plugins.diffusion import weights
@@ -206,8 +209,12 @@ def _load_text(folder: Path) -> tuple[nn.Module, Any]:
     level, bars = transformers_logging.get_verbosity(), transformers_logging.is_progress_bar_enabled()
     transformers_logging.set_verbosity_error()
     transformers_logging.disable_progress_bar()  # a tiny folder loads at once; our own messages say what is wrong
+    found = folder / "text_encoder" / "model.safetensors"
     try:
-        text_encoder = CLIPTextModel.from_pretrained(str(folder / "text_encoder"), local_files_only=True)
+        if deferred.active():
+            text_encoder = _deferred_text_encoder(folder / "text_encoder", found)
+        else:
+            text_encoder = CLIPTextModel.from_pretrained(str(folder / "text_encoder"), local_files_only=True)
         tokenizer = CLIPTokenizer.from_pretrained(str(folder / "tokenizer"), local_files_only=True)
     except (OSError, ValueError, RuntimeError, TypeError, KeyError) as exc:
         raise CheckpointError(f"{WHERE}: cannot load the text encoder or tokenizer of {folder}: {str(exc)[:300]}") from None
@@ -215,11 +222,24 @@ def _load_text(folder: Path) -> tuple[nn.Module, Any]:
         transformers_logging.set_verbosity(level)
         if bars:
             transformers_logging.enable_progress_bar()
-    weights.check_finite_weights(text_encoder.state_dict(), f"{WHERE}: {folder}/text_encoder")
-    found = folder / "text_encoder" / "model.safetensors"
-    if found.is_file():
-        note_weights_file(found, safetensors_dtypes(found))
+    if not deferred.is_deferred(text_encoder):  # a deferred weight is checked when its rows are read
+        weights.check_finite_weights(text_encoder.state_dict(), f"{WHERE}: {folder}/text_encoder")
+        if found.is_file():
+            note_weights_file(found, safetensors_dtypes(found))
     return text_encoder.eval(), tokenizer
+
+
+def _deferred_text_encoder(folder: Path, path: Path) -> nn.Module:
+    """The CLIPTextModel of ``folder`` with its parameters on the meta device, each knowing where in
+    ``model.safetensors`` its values lie (``train.strategy: fsdp``): built from its config, the file
+    mapped strictly by :func:`load_base_state` (``from_pretrained`` would read every weight)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    if not path.is_file():
+        raise deferred.CannotDefer(f"{folder} holds no model.safetensors to read by rows")
+    model = CLIPTextModel._from_config(CLIPTextConfig.from_pretrained(str(folder), local_files_only=True))
+    load_base_state(model, load_weights(path, f"{WHERE}: {folder}"))
+    return model
 
 
 def _schedule(config: dict[str, Any], where: str) -> dict[str, Any]:

@@ -86,9 +86,11 @@ class TextToImageModel(TaskModel):
             return self.backbone.condition(images=batch["images"])
         return {}
 
-    def drop_condition(self, cond: Condition, drop: torch.Tensor) -> Condition:
-        """Replace the condition of the samples where ``drop`` is true by the null condition."""
-        if not cond or not bool(drop.any()):
+    def drop_condition(self, cond: Condition, drop: torch.Tensor, any_process: bool = False) -> Condition:
+        """Replace the condition of the samples where ``drop`` is true by the null condition.
+        ``any_process``: some process drops one, so this one computes the null condition too (under
+        fsdp the text encoder's gathers are collectives every process must join)."""
+        if not cond or not (any_process or bool(drop.any())):
             return cond
         return drop_conditions(cond, self.backbone.denoiser.null_condition(int(drop.shape[0])), drop)
 
@@ -121,7 +123,8 @@ class TextToImageModel(TaskModel):
             noise = torch.randn(world, *x0.shape)[rank].to(x0.device, x0.dtype)
         cond = self._batch_condition(batch)
         if cond and self.params.condition_dropout > 0:
-            cond = self.drop_condition(cond, torch.rand(world, n)[rank] < self.params.condition_dropout)
+            drops = torch.rand(world, n) < self.params.condition_dropout
+            cond = self.drop_condition(cond, drops[rank], any_process=bool(drops.any()))
         loss = self.diffusion_loss(x0, cond, t, noise)
         if self.dreambooth is not None:  # prior preservation: + weight * the loss of as many class images
             loss = loss + self.dreambooth.prior_loss(self, batch)
