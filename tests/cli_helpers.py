@@ -45,14 +45,150 @@ def altered_copy(source, target, change):
     return target
 
 
-def torchrun(tmp_path: Path, spec: dict, *args: str, cli: list[str] | None = None) -> subprocess.CompletedProcess:
+def torchrun(tmp_path: Path, spec: dict, *args: str, cli: list[str] | None = None, launcher: str = "fork") -> subprocess.CompletedProcess:
     """``adaptkit run`` of ``spec`` (written as YAML beside its output dir's name) on 2 gloo processes;
-    ``cli`` replaces ``-m adaptkit.cli`` (a script that wraps it), ``args`` are extra overrides."""
+    ``cli`` replaces ``-m adaptkit.cli`` (a script that wraps it), ``args`` are extra overrides.
+
+    ``launcher="torchrun"`` starts them with ``python -m torch.distributed.run`` as a user does.
+    The default forks this test process twice, with the environment torchrun gives each process
+    (RANK, WORLD_SIZE, MASTER_ADDR/PORT, LOCAL_RANK): the same code path in adaptkit, without two
+    fresh interpreters importing torch, timm, open_clip and diffusers (about 20 s per launch here)."""
     path = tmp_path / f"{Path(spec['output']['dir']).name}.yaml"
     path.write_text(yaml.safe_dump(spec))
+    if launcher == "fork":
+        return forked_ranks(["run", str(path), *args], script=cli[0] if cli else None, log_dir=tmp_path)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     return subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
          *(cli or ["-m", "adaptkit.cli"]), "run", str(path), *args],
         capture_output=True, text=True, env=env, timeout=300,
     )
+
+
+def forked_ranks(argv: list[str], script: str | None, log_dir: Path, world: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run the CLI (or ``script`` as ``__main__``) with ``argv`` in ``world`` forks of this process,
+    as torchrun's ranks; returns their exit status (the first non-zero one) and their stdout and
+    stderr, rank by rank, as ``subprocess.run`` would."""
+    import signal
+    import time
+
+    port = free_port()
+    ranks = [fork_cli(argv, log_dir / f".rank{rank}", script, {
+        "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world),
+        "GROUP_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}, timeout) for rank in range(world)]
+    codes: dict[int, int] = {}
+    deadline = time.monotonic() + timeout
+    while len(codes) < len(ranks):
+        for child in ranks:
+            if child.pid in codes:
+                continue
+            if child.poll() is not None:
+                codes[child.pid] = child.returncode
+                if codes[child.pid] != 0:  # as torchrun does: one failed rank stops the others
+                    for other in ranks:
+                        if other.pid not in codes:
+                            os.kill(other.pid, signal.SIGTERM)
+        if time.monotonic() > deadline:
+            for child in ranks:
+                if child.pid not in codes:
+                    os.kill(child.pid, signal.SIGKILL)
+                    os.waitpid(child.pid, 0)
+            raise subprocess.TimeoutExpired(argv, timeout)
+        time.sleep(0.05)
+    code = next((codes[child.pid] for child in ranks if codes[child.pid] != 0), 0)
+    return subprocess.CompletedProcess(argv, code, "".join(c.stdout() for c in ranks), "".join(c.stderr() for c in ranks))
+
+
+class ForkedCli:
+    """A fork of this test process running the CLI: its pid, and what it wrote to stdout and stderr."""
+
+    def __init__(self, pid: int, logs: Path) -> None:
+        self.pid, self.logs = pid, logs
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        """Its exit status once it has ended (as ``Popen.poll``), else None."""
+        if self.returncode is None:
+            done, status = os.waitpid(self.pid, os.WNOHANG)
+            if done:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def stdout(self) -> str:
+        return Path(f"{self.logs}.stdout").read_text(errors="replace")
+
+    def stderr(self) -> str:
+        return Path(f"{self.logs}.stderr").read_text(errors="replace")
+
+    def wait(self) -> int:
+        if self.returncode is None:
+            self.returncode = os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1])
+        return self.returncode
+
+
+def fork_cli(argv: list[str], logs: Path, script: str | None = None, env: dict[str, str] | None = None,
+             timeout: float = 300) -> ForkedCli:
+    """``adaptkit`` with ``argv`` (or ``script`` run as ``__main__``) in a fork of this process, which
+    has torch and the libraries imported already, writing to ``logs``.stdout / .stderr, one thread,
+    ``env`` added to its environment. A plain CLI process otherwise (the tests that need a real
+    process: a kill, torchrun's ranks)."""
+    import gc
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # garbage left by earlier tests (a data loader's workers, a process group) is collected here, not in
+    # the child: its finalisers wait on threads and processes that exist only in this process
+    gc.collect()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        _child_main(argv, script, Path(f"{logs}.stdout"), Path(f"{logs}.stderr"), env or {}, timeout)
+    return ForkedCli(pid, logs)
+
+
+def forked(argv: list[str], logs: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``subprocess.run([python, -m, adaptkit.cli, *argv])`` through :func:`fork_cli`."""
+    child = fork_cli(argv, logs, timeout=timeout)
+    code = child.wait()
+    return subprocess.CompletedProcess(argv, code, child.stdout(), child.stderr())
+
+
+def _child_main(argv: list[str], script: str | None, out: Path, err: Path, env: dict[str, str], timeout: float) -> None:  # pragma: no cover
+    """The forked process: its own stdout/stderr files, ``env``, one thread; never returns."""
+    import faulthandler
+    import io
+    import runpy
+    import traceback
+
+    import gc
+
+    gc.freeze()  # what this process inherited is never collected (nor its pages copied) here
+    code = 1
+    try:
+        for fd, target in ((1, out), (2, err)):
+            handle = os.open(str(target), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.dup2(handle, fd)
+            os.close(handle)
+        sys.stdout = io.TextIOWrapper(os.fdopen(1, "wb", closefd=False), line_buffering=True)
+        sys.stderr = io.TextIOWrapper(os.fdopen(2, "wb", closefd=False), line_buffering=True)
+        # a hung child says where it is before the parent's timeout kills it
+        faulthandler.dump_traceback_later(float(os.environ.get("ADAPTKIT_TEST_FORK_DUMP", timeout - 5)), exit=False, file=sys.stderr)
+        os.environ.update({**env, "OMP_NUM_THREADS": "1"})
+        import torch
+
+        torch.set_num_threads(1)
+        if script is None:
+            code = main(argv)
+        else:
+            sys.argv = [script, *argv]
+            runpy.run_path(script, run_name="__main__")
+            code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)

@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +19,7 @@ from adaptkit.checkpoint import load_tensors
 from adaptkit.data import SKIPPED, BatchDataset, LoaderOptions, PlannedLoader, SequentialPlan
 from adaptkit.errors import DataError
 from adaptkit.train import Trainer
-from tests.cli_helpers import torchrun
+from tests.cli_helpers import forked, torchrun
 
 quiet = dict(log=lambda *_: None)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -250,7 +248,7 @@ def test_on_error_fail_names_the_file_and_exits_2(tmp_path):
     spec["train"]["max_steps"] = 12
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
-    done = subprocess.run([sys.executable, "-m", "adaptkit.cli", "run", str(path)], capture_output=True, text=True, timeout=300)
+    done = forked(["run", str(path)], tmp_path / "cli")  # a process of its own: its data workers fail
     assert done.returncode == 2, done.stderr[-2000:]
     assert "zz_bad.png" in done.stderr and "Traceback" not in done.stderr
 

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 import adaptkit
 from adaptkit.checkpoint import load_tensors, read_metadata, save_tensors
 from adaptkit.cli import main
-from tests.cli_helpers import digest, user_error
+from tests.cli_helpers import user_error
 from tests.conftest import tiny_vit_spec
 
 QUIET = {"log": lambda *_: None}

@@ -10,7 +10,6 @@ import torch
 import yaml
 
 from adaptkit.checkpoint import load_tensors
-from adaptkit.cli import main
 from adaptkit.task import TaskModel
 from tests.cli_helpers import user_error
 from tests.conftest import tiny_vit_spec

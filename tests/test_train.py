@@ -107,13 +107,14 @@ def test_linear_probe_trains_only_the_head(tmp_path):
 
 @pytest.mark.slow
 def test_ddp_two_processes_match_one(tmp_path):
-    """torchrun --nproc_per_node=2 (gloo, CPU) reaches the single-process result."""
+    """torchrun --nproc_per_node=2 (gloo, CPU) reaches the single-process result. (This test starts
+    the processes with torchrun itself; the other 2-process tests fork theirs with its environment.)"""
     single = spec_for(tmp_path, "single", max_steps=6, grad_clip=None)
     single["methods"][0]["dropout"] = 0.0
     adaptkit.run(single, **quiet)
     ddp = json.loads(json.dumps(single))
     ddp["output"]["dir"] = str(tmp_path / "ddp")
-    done = torchrun(tmp_path, ddp)
+    done = torchrun(tmp_path, ddp, launcher="torchrun")
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     assert "x2" in done.stdout  # the header names the world size
     for key, value in adapter(tmp_path / "single").items():
