@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -127,11 +128,13 @@ class ForkedCli:
 
 
 def fork_cli(argv: list[str], logs: Path, script: str | None = None, env: dict[str, str] | None = None,
-             timeout: float = 300) -> ForkedCli:
+             timeout: float = 300, paths: tuple[str, ...] = (), cwd: Path | None = None, entry: Any = None) -> ForkedCli:
     """``adaptkit`` with ``argv`` (or ``script`` run as ``__main__``) in a fork of this process, which
     has torch and the libraries imported already, writing to ``logs``.stdout / .stderr, one thread,
-    ``env`` added to its environment. A plain CLI process otherwise (the tests that need a real
-    process: a kill, torchrun's ranks)."""
+    ``env`` added to its environment, ``paths`` put first on its ``sys.path`` (an installed package's
+    folder, as PYTHONPATH would: the registry then finds its entry points), in ``cwd``. ``entry``
+    replaces the CLI's ``main`` (``pytest.main``). A plain CLI process otherwise (the tests that need a
+    real process: a kill, torchrun's ranks)."""
     import gc
 
     sys.stdout.flush()
@@ -141,18 +144,19 @@ def fork_cli(argv: list[str], logs: Path, script: str | None = None, env: dict[s
     gc.collect()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - runs in the child
-        _child_main(argv, script, Path(f"{logs}.stdout"), Path(f"{logs}.stderr"), env or {}, timeout)
+        _child_main(argv, script, Path(f"{logs}.stdout"), Path(f"{logs}.stderr"), env or {}, timeout, paths, cwd, entry or main)
     return ForkedCli(pid, logs)
 
 
-def forked(argv: list[str], logs: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    """``subprocess.run([python, -m, adaptkit.cli, *argv])`` through :func:`fork_cli`."""
-    child = fork_cli(argv, logs, timeout=timeout)
+def forked(argv: list[str], logs: Path, timeout: float = 300, **options: Any) -> subprocess.CompletedProcess:
+    """``subprocess.run([python, -m, adaptkit.cli, *argv])`` through :func:`fork_cli` (``options``: its own)."""
+    child = fork_cli(argv, logs, timeout=timeout, **options)
     code = child.wait()
     return subprocess.CompletedProcess(argv, code, child.stdout(), child.stderr())
 
 
-def _child_main(argv: list[str], script: str | None, out: Path, err: Path, env: dict[str, str], timeout: float) -> None:  # pragma: no cover
+def _child_main(argv: list[str], script: str | None, out: Path, err: Path, env: dict[str, str], timeout: float,
+                paths: tuple[str, ...], cwd: Path | None, entry: Any) -> None:  # pragma: no cover
     """The forked process: its own stdout/stderr files, ``env``, one thread; never returns."""
     import faulthandler
     import io
@@ -176,8 +180,18 @@ def _child_main(argv: list[str], script: str | None, out: Path, err: Path, env: 
         import torch
 
         torch.set_num_threads(1)
+        if paths:
+            import importlib
+
+            import adaptkit.registry
+
+            sys.path[:0] = list(paths)
+            importlib.invalidate_caches()
+            adaptkit.registry._default = None
+        if cwd is not None:
+            os.chdir(cwd)
         if script is None:
-            code = main(argv)
+            code = entry(argv)
         else:
             sys.argv = [script, *argv]
             runpy.run_path(script, run_name="__main__")
