@@ -168,6 +168,13 @@ def _child_main(argv: list[str], script: str | None, out: Path, err: Path, env: 
     gc.freeze()  # what this process inherited is never collected (nor its pages copied) here
     code = 1
     try:
+        try:  # ended with the test process, were that killed (Linux: PR_SET_PDEATHSIG)
+            import ctypes
+            import signal
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))
+        except (OSError, AttributeError):
+            pass
         for fd, target in ((1, out), (2, err)):
             handle = os.open(str(target), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             os.dup2(handle, fd)
