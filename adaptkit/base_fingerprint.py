@@ -128,6 +128,32 @@ def base_fingerprint(backbone: Any, files: list[Path], key: str) -> str:
     return value
 
 
+#: the weights files found finite (no NaN, no infinity), by :func:`file_key`
+FINITE_FILE = "finite_weights.json"
+
+
+def known_finite(path: str | Path) -> bool:
+    """Whether the weights file at ``path``, unchanged since (path, size, inode, mtime), was found finite."""
+    try:
+        entry = file_key([Path(path)], "finite")
+    except OSError:
+        return False
+    return entry in _read_cache(cache_dir() / FINITE_FILE)
+
+
+def note_finite(path: str | Path) -> None:
+    """Remember that the weights file at ``path`` holds only finite values (its next loads skip the check)."""
+    try:
+        entry = file_key([Path(path)], "finite")
+    except OSError:
+        return
+    cache_path = cache_dir() / FINITE_FILE
+    cache = _read_cache(cache_path)
+    cache.pop(entry, None)
+    cache[entry] = "finite"
+    _write_cache(cache_path, dict(list(cache.items())[-MAX_ENTRIES:]))
+
+
 def _base_state(backbone: Any) -> Any:
     """The backbone's base weights; those still on the meta device are read from their files one at a time."""
     from adaptkit.deferred import WholeValues, is_deferred

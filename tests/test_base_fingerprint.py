@@ -100,3 +100,24 @@ def test_unwritable_cache_still_builds(tmp_path, monkeypatch, counted):
     monkeypatch.setenv("ADAPTKIT_CACHE_DIR", str(blocker))
     model = adaptkit.build({**_spec(tmp_path, weights), "methods": []})
     assert model.adaptkit.base_fingerprint == checkpoint.fingerprint(model.backbone.base_state_dict())
+
+
+def test_a_weights_file_is_checked_for_nan_once_until_it_changes(tmp_path, monkeypatch):
+    """A big base is not read whole at every build to look for NaN: a file found finite is
+    remembered by path, size, inode and mtime; a changed file (same size, NaN now) is refused."""
+    import torch
+
+    monkeypatch.setenv("ADAPTKIT_CACHE_DIR", str(tmp_path / "cache"))
+    path = tmp_path / "weights.safetensors"
+    save_file({"w": torch.ones(3)}, str(path))
+    checked = []
+    original = checkpoint.refuse_non_finite
+    monkeypatch.setattr(checkpoint, "refuse_non_finite", lambda tensors, where: checked.append(where) or original(tensors, where))
+    checkpoint.load_weights(path)
+    checkpoint.load_weights(path)
+    assert checked == [path]
+    save_file({"w": torch.tensor([1.0, float("nan"), 1.0])}, str(path))
+    with pytest.raises(CheckpointError, match="NaN"):
+        checkpoint.load_weights(path)
+    with pytest.raises(CheckpointError, match="NaN"):  # and still refused: only a finite file is remembered
+        checkpoint.load_weights(path)

@@ -12,7 +12,7 @@ from torch import nn
 
 from adaptkit import deferred
 from adaptkit.base_fingerprint import note_weights_file, safetensors_dtypes
-from adaptkit.checkpoint import load_weights
+from adaptkit.checkpoint import load_weights, refuse_non_finite_file
 from adaptkit.deferred import load_base_state
 from adaptkit.errors import CheckpointError
 from adaptkit.surface import Surface
@@ -223,9 +223,11 @@ def _load_text(folder: Path) -> tuple[nn.Module, Any]:
         if bars:
             transformers_logging.enable_progress_bar()
     if not deferred.is_deferred(text_encoder):  # a deferred weight is checked when its rows are read
-        weights.check_finite_weights(text_encoder.state_dict(), f"{WHERE}: {folder}/text_encoder")
         if found.is_file():
+            refuse_non_finite_file(text_encoder.state_dict(), found, f"{WHERE}: {folder}/text_encoder")
             note_weights_file(found, safetensors_dtypes(found))
+        else:
+            weights.check_finite_weights(text_encoder.state_dict(), f"{WHERE}: {folder}/text_encoder")
     return text_encoder.eval(), tokenizer
 
 

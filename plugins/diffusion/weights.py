@@ -12,7 +12,7 @@ from torch import nn
 
 from adaptkit.base_fingerprint import note_weights_file, safetensors_dtypes
 from adaptkit import deferred
-from adaptkit.checkpoint import load_weights, refuse_non_finite
+from adaptkit.checkpoint import load_weights, refuse_non_finite, refuse_non_finite_file
 from adaptkit.deferred import load_base_state
 from adaptkit.errors import CheckpointError, PluginError, did_you_mean
 
@@ -82,7 +82,11 @@ def from_directory(folder: Path, family: tuple[str, ...], where: str) -> nn.Modu
         raise CheckpointError(f"{where}: cannot load the diffusers model in {folder}: {str(exc)[:300]}") from None
     finally:
         diffusers_logging.set_verbosity(level)
-    check_finite_weights(model.state_dict(), f"{where}: {folder}")
+    found = directory_weights(folder)
+    if found is None:
+        check_finite_weights(model.state_dict(), f"{where}: {folder}")
+    else:  # once per weights file (an SD UNet's 3.4 GB are not read again at every build)
+        refuse_non_finite_file(model.state_dict(), found, f"{where}: {folder}")
     note_directory_weights(folder)
     return model
 
@@ -105,10 +109,15 @@ def deferred_from_directory(folder: Path, cls: type, config: dict[str, Any]) -> 
     return model
 
 
+def directory_weights(folder: Path) -> Path | None:
+    """The weights file ``from_pretrained`` reads in a model folder, or None (a variant, sharded weights)."""
+    return next((folder / name for name in DIFFUSERS_WEIGHTS if (folder / name).is_file()), None)
+
+
 def note_directory_weights(folder: Path) -> None:
     """Tell the build which file of ``folder`` it read and the dtype stored there (for the base
     fingerprint's cache and ``backbone.dtype: auto``); ``from_pretrained`` itself casts to fp32."""
-    found = next((folder / name for name in DIFFUSERS_WEIGHTS if (folder / name).is_file()), None)
+    found = directory_weights(folder)
     if found is not None:
         note_weights_file(found, safetensors_dtypes(found) if found.suffix == ".safetensors" else ())
 
