@@ -190,11 +190,11 @@ def _child_main(argv: list[str], script: str | None, out: Path, err: Path, env: 
         if paths:
             import importlib
 
-            import adaptkit.registry
+            from adaptkit.registry import registry
 
             sys.path[:0] = list(paths)
             importlib.invalidate_caches()
-            adaptkit.registry._default = None
+            registry(refresh=True)  # the default registry an earlier test made lacks the package
         if cwd is not None:
             os.chdir(cwd)
         if script is None:
