@@ -112,3 +112,17 @@ def test_tower_all_means_the_vae_on_this_task():
 def test_clear_errors(spec, message):
     with pytest.raises(CompatibilityError, match=message):
         build(adaptkit.load_spec(spec))
+
+
+def test_a_resumed_run_goes_on_averaging_the_scaling_factor(tmp_path):
+    """The running estimate's state is checkpointed: a run stopped after step 3 and resumed ends
+    with the factor of an uninterrupted run (not one restarted from the first batch after resume)."""
+    from tests.conftest import crash_run_after
+
+    whole = adaptkit.run(adaptkit.load_spec(spec_of(), [f"output.dir={tmp_path / 'whole'}", "train.checkpoint_every=3"]),
+                         log=lambda *_: None)
+    stopped = adaptkit.load_spec(spec_of(), [f"output.dir={tmp_path / 'stopped'}", "train.checkpoint_every=3"])
+    crash_run_after(3, lambda: adaptkit.run(stopped, log=lambda *_: None))
+    resumed = adaptkit.run(adaptkit.load_spec(spec_of(), [f"output.dir={tmp_path / 'stopped'}", "train.checkpoint_every=3",
+                                                          "train.resume=true"]), log=lambda *_: None)
+    assert resumed.model.latent_scale.factor == pytest.approx(whole.model.latent_scale.factor, rel=1e-5)

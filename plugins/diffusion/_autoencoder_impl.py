@@ -59,6 +59,19 @@ class AutoencoderModel(TaskModel):
         self.latent_scale = LatentScale(given if given is not None else backbone.vae.config.scaling_factor, given is None)
         self._preview_written = False
 
+    # the running estimate's state goes into every checkpoint (the factor itself is saved as a trained
+    # tensor): a resumed run goes on averaging instead of starting over from the next batch alone
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        return {"latent_scale_seen": torch.tensor([1.0 if self.latent_scale.seen else 0.0])}
+
+    def load_extra_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        seen = tensors.get("latent_scale_seen")
+        if seen is not None:
+            self.latent_scale.seen = bool(seen.reshape(-1)[0] > 0)
+
+    def finish_training(self) -> None:
+        """Nothing to put into the trained tensors: the factor is already the running estimate."""
+
     @classmethod
     def create(cls, params: Any, backbone: Any, info: Any) -> "AutoencoderModel":
         from adaptkit.errors import DataError
