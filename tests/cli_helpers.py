@@ -78,22 +78,26 @@ def forked_ranks(argv: list[str], script: str | None, log_dir: Path, world: int 
         "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world),
         "GROUP_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}, timeout) for rank in range(world)]
     codes: dict[int, int] = {}
-    deadline = time.monotonic() + timeout
+    deadline, failed_at = time.monotonic() + timeout, None
     while len(codes) < len(ranks):
         for child in ranks:
             if child.pid in codes:
                 continue
             if child.poll() is not None:
                 codes[child.pid] = child.returncode
-                if codes[child.pid] != 0:  # as torchrun does: one failed rank stops the others
-                    for other in ranks:
-                        if other.pid not in codes:
-                            os.kill(other.pid, signal.SIGTERM)
+                if codes[child.pid] != 0 and failed_at is None:
+                    failed_at = time.monotonic()
+        # as torchrun does, one failed rank stops the others; after a grace period, so that a rank
+        # still finishing what it was doing (process 0 writing a checkpoint) is not cut short
+        if failed_at is not None and time.monotonic() > failed_at + 20:
+            for other in ranks:
+                if other.pid not in codes and other.poll() is None:
+                    os.kill(other.pid, signal.SIGTERM)
         if time.monotonic() > deadline:
             for child in ranks:
-                if child.pid not in codes:
+                if child.poll() is None:
                     os.kill(child.pid, signal.SIGKILL)
-                    os.waitpid(child.pid, 0)
+                    child.wait()
             raise subprocess.TimeoutExpired(argv, timeout)
         time.sleep(0.05)
     code = next((codes[child.pid] for child in ranks if codes[child.pid] != 0), 0)
